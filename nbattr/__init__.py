@@ -1,0 +1,27 @@
+"""nbattr: feature attributions for PyTorch models, computed on the model's device and shown live
+in any Jupyter front end."""
+
+from .engine import (
+    Attribution,
+    InputError,
+    NbattrError,
+    NoGradientPathError,
+    TargetError,
+    UnsupportedOperationError,
+    attribute,
+    methods,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Attribution",
+    "InputError",
+    "NbattrError",
+    "NoGradientPathError",
+    "TargetError",
+    "UnsupportedOperationError",
+    "__version__",
+    "attribute",
+    "methods",
+]

@@ -1,0 +1,120 @@
+"""The one place that chunks work (examples x path points) to fit memory.
+
+``batch_size="auto"`` measures what one row costs while running the first (small) chunk: the
+bytes autograd saves for backward (``torch.autograd.graph.saved_tensors_hooks``) plus the
+chunk's own tensors. The rest is then cut into chunks that fit a budget: a share of the free
+GPU memory (``torch.cuda.mem_get_info``) on CUDA, a bounded amount on CPU. On a CUDA
+out-of-memory error the chunk is halved and retried, so a user never has to guess a size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Union
+
+import torch
+
+BatchSize = Union[int, str]
+
+#: bytes a chunk may use on CPU with ``batch_size="auto"``
+CPU_BUDGET_BYTES = 1 << 30
+#: share of free GPU memory a chunk may use with ``batch_size="auto"``
+GPU_FREE_FRACTION = 0.5
+#: rows of the first, measuring chunk
+PROBE_ROWS = 4
+
+
+class _SavedBytes:
+    """Counts the bytes autograd saves for backward (each storage once)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self._seen: set[int] = set()
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        try:
+            key = t.untyped_storage().data_ptr()
+            if key not in self._seen:
+                self._seen.add(key)
+                self.bytes += t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):
+            self.bytes += t.numel() * t.element_size()
+        return t
+
+    @staticmethod
+    def unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+def memory_budget(device: torch.device) -> int:
+    """Bytes one chunk may use on ``device``."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * GPU_FREE_FRACTION)
+    return CPU_BUDGET_BYTES
+
+
+def _is_oom(err: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    return isinstance(err, oom) or "out of memory" in str(err).lower()
+
+
+def run_chunked(
+    total: int,
+    fn: Callable[[slice], None],
+    *,
+    batch_size: BatchSize = "auto",
+    device: torch.device | None = None,
+    row_bytes: int = 0,
+    stats: dict | None = None,
+) -> None:
+    """Call ``fn(rows)`` on consecutive slices covering ``range(total)``.
+
+    Parameters
+    ----------
+    total : number of rows.
+    fn : does the work for a slice of rows and accumulates its results itself. It must be safe
+        to call again on the same slice after it raised (a CUDA out-of-memory retry).
+    batch_size : rows per chunk, or ``"auto"`` (measured, see the module docstring).
+    device : where the work runs (budget and out-of-memory handling).
+    row_bytes : bytes a row needs besides what autograd saves (inputs, gradients).
+    stats : if given, filled with ``chunks`` (sizes used) and ``row_bytes`` (measured).
+    """
+    if total <= 0:
+        return
+    device = device or torch.device("cpu")
+    auto = batch_size == "auto"
+    if not auto:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
+        size = batch_size
+    else:
+        size = min(total, PROBE_ROWS)
+    sizes: list[int] = []
+    start = 0
+    measured = False
+    while start < total:
+        n = min(size, total - start)
+        rows = slice(start, start + n)
+        try:
+            if auto and not measured:
+                counter = _SavedBytes()
+                with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+                    fn(rows)
+                per_row = max(1, (counter.bytes + row_bytes * n) // n)
+                size = max(1, min(total, memory_budget(device) // per_row))
+                measured = True
+                if stats is not None:
+                    stats["row_bytes"] = per_row
+            else:
+                fn(rows)
+        except Exception as err:  # noqa: BLE001 - re-raised unless it is a CUDA OOM we can halve
+            if device.type == "cuda" and _is_oom(err) and n > 1:
+                torch.cuda.empty_cache()
+                size = max(1, n // 2)
+                continue
+            raise
+        sizes.append(n)
+        start += n
+    if stats is not None:
+        stats["chunks"] = sizes

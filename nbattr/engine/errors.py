@@ -1,0 +1,21 @@
+"""Errors raised by the engine. Each names the problem it found."""
+
+
+class NbattrError(Exception):
+    """Base class of every error nbattr raises on purpose."""
+
+
+class InputError(NbattrError, ValueError):
+    """The input, baseline or an option has the wrong shape, dtype or value (NaN, Inf)."""
+
+
+class TargetError(NbattrError, IndexError):
+    """A target class index is out of range for the model's output."""
+
+
+class NoGradientPathError(NbattrError, RuntimeError):
+    """The model's output does not depend (differentiably) on the attributed tensor."""
+
+
+class UnsupportedOperationError(NbattrError, RuntimeError):
+    """A rule-based method met an operation it has no rule for, and ``strict=True`` was given."""

@@ -1,0 +1,368 @@
+"""A validated attribution problem: model, input, target, baseline and how to evaluate them.
+
+Every method receives a :class:`Problem`. It owns the one way to run the model on points of the
+attributed space (the input, or a layer's output), to pick the target score, to take gradients
+in memory-sized chunks, and to turn the pieces into an :class:`Attribution`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import baselines as _baselines
+from .batching import BatchSize, run_chunked
+from .errors import InputError, NoGradientPathError, TargetError
+from .result import Attribution
+
+TargetSpec = int | Sequence[int] | Tensor | None
+
+
+def model_device(model: Any, fallback: torch.device) -> torch.device:
+    if isinstance(model, nn.Module):
+        for t in model.parameters():
+            return t.device
+        for t in model.buffers():
+            return t.device
+    return fallback
+
+
+class _ReplaceOutput:
+    """Forward hook that replaces a layer's output by given values (removed on exit)."""
+
+    def __init__(self, layer: nn.Module, values: Tensor) -> None:
+        self.layer, self.values, self.handle = layer, values, None
+
+    def __enter__(self) -> _ReplaceOutput:
+        def hook(_m: nn.Module, _inp: Any, out: Any) -> Tensor:
+            if not isinstance(out, Tensor):
+                raise InputError(f"layer {type(self.layer).__name__} returns "
+                                 f"{type(out).__name__}; attribution needs a layer returning a tensor")
+            if out.shape != self.values.shape:
+                raise InputError(f"layer output shape {tuple(out.shape)} differs from the attributed "
+                                 f"values {tuple(self.values.shape)}")
+            return self.values
+
+        self.handle = self.layer.register_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.handle.remove()
+
+
+class _Capture:
+    """Forward hook that records a layer's output (removed on exit)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer, self.value, self.handle, self.calls = layer, None, None, 0
+
+    def __enter__(self) -> _Capture:
+        def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
+            self.calls += 1
+            self.value = out
+
+        self.handle = self.layer.register_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.handle.remove()
+
+
+class Problem:
+    """Validated inputs of one :func:`nbattr.attribute` call.
+
+    Attributes
+    ----------
+    model : the user's callable.
+    x : ``(N, ...)`` the model's input on the model's device.
+    layer : module whose output is attributed, or None (attribute the input).
+    inputs : ``(N, ...)`` detached values of the attributed tensor at x.
+    target : ``(N,)`` long.
+    outputs : ``(N,)`` target scores at x.
+    scalar_output : whether the model returns ``(N,)`` scores.
+    unbatched : whether x was given without a batch dimension (the result then has N = 1).
+    """
+
+    def __init__(
+        self,
+        model: Callable[[Tensor], Tensor],
+        x: Tensor,
+        *,
+        target: TargetSpec = None,
+        baseline: _baselines.BaselineSpec = "zeros",
+        layer: nn.Module | None = None,
+        batch_size: BatchSize = "auto",
+    ) -> None:
+        if not callable(model):
+            raise InputError(f"model must be an nn.Module or a callable, got {type(model).__name__}")
+        if not isinstance(x, Tensor):
+            raise InputError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if layer is not None and not isinstance(layer, nn.Module):
+            raise InputError(f"layer must be an nn.Module of the model, got {type(layer).__name__}")
+        if layer is None and not x.is_floating_point():
+            raise InputError(
+                f"x has dtype {x.dtype}; attribution needs a floating-point input. For token ids, "
+                "pass layer=<the embedding module> to attribute over its output."
+            )
+        if x.dim() == 0:
+            raise InputError("x is a 0-d tensor; give at least one feature dimension")
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            raise InputError("x contains NaN or Inf")
+        if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
+            raise InputError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
+        self.model = model
+        self.layer = layer
+        self.device = model_device(model, x.device)
+        self.batch_size = batch_size
+        self.stats: dict[str, Any] = {}
+        self._baseline_spec = baseline
+        self._baselines: Tensor | None = None
+        self._baseline_outputs: Tensor | None = None
+        if isinstance(model, nn.Module) and model.training:
+            warnings.warn(
+                "the model is in training mode: dropout and batch-norm make attributions random "
+                "and batch-dependent; call model.eval() first", stacklevel=4)
+
+        x = x.detach().to(self.device)
+        # A 1-D x is one example (a row of features). Otherwise x is a batch, unless the model
+        # fails on it or returns a different number of rows, in which case x[None] is tried.
+        self.unbatched = x.dim() == 1
+        if self.unbatched:
+            x = x.unsqueeze(0)
+            full, inputs = self._first_forward(x)
+        else:
+            try:
+                full, inputs = self._first_forward(x)
+                ok = full.dim() >= 1 and full.shape[0] == x.shape[0]
+                err: Exception | None = None
+            except InputError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the model's own error; retried unbatched
+                ok, err = False, e
+            if not ok:
+                try:
+                    full, inputs = self._first_forward(x.unsqueeze(0))
+                except Exception:  # noqa: BLE001
+                    if err is not None:
+                        raise err
+                    raise InputError(
+                        f"the model maps x of shape {tuple(x.shape)} to an output of shape "
+                        f"{tuple(full.shape)}; expected (N, C) or (N,) with N = {x.shape[0]}"
+                    ) from None
+                if full.dim() < 1 or full.shape[0] != 1:
+                    if err is not None:
+                        raise err
+                    raise InputError(f"the model's output has shape {tuple(full.shape)}; "
+                                     "expected (N, C) or (N,)")
+                x = x.unsqueeze(0)
+                self.unbatched = True
+        self._check_output(full, x.shape[0])
+        self.x = x
+        self.n = x.shape[0]
+        self.inputs = inputs
+        self.scalar_output = full.dim() == 1
+        self.num_classes = 1 if self.scalar_output else full.shape[1]
+        self.logits = full
+        self.target = self._resolve_target(target, full)
+        self.outputs = self.select(full, self.target)
+
+    # -- the model -------------------------------------------------------------------------
+    def _first_forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            if self.layer is None:
+                return self.model(x), x
+            with _Capture(self.layer) as cap:
+                out = self.model(x)
+            if cap.calls == 0:
+                raise InputError(f"layer {type(self.layer).__name__} was not called by the model's "
+                                 "forward; pass a module that the model uses")
+            if cap.calls > 1:
+                raise InputError(f"layer {type(self.layer).__name__} is called {cap.calls} times in "
+                                 "one forward; attribute a layer that is called once")
+            if not isinstance(cap.value, Tensor):
+                raise InputError(f"layer {type(self.layer).__name__} returns "
+                                 f"{type(cap.value).__name__}; choose a layer returning a tensor")
+            if not cap.value.is_floating_point():
+                raise InputError(f"layer output has dtype {cap.value.dtype}; need floating point")
+            return out, cap.value.detach()
+
+    @staticmethod
+    def _check_output(out: Any, n: int) -> None:
+        if not isinstance(out, Tensor):
+            raise InputError(f"the model must return a tensor of scores, got {type(out).__name__}")
+        if out.dim() not in (1, 2) or out.shape[0] != n:
+            raise InputError(f"the model's output has shape {tuple(out.shape)}; expected (N, C) or "
+                             f"(N,) with N = {n}")
+        if not out.is_floating_point():
+            raise InputError(f"the model's output has dtype {out.dtype}; expected floating point")
+
+    def _resolve_target(self, target: TargetSpec, full: Tensor) -> Tensor:
+        n = full.shape[0]
+        if self.scalar_output:
+            return torch.zeros(n, dtype=torch.long, device=self.device)
+        c = full.shape[1]
+        if target is None:
+            return full.argmax(1)
+        if isinstance(target, bool):
+            raise TargetError(f"target must be an int or N ints, got {target!r}")
+        if isinstance(target, int):
+            t = torch.full((n,), target, dtype=torch.long, device=self.device)
+        else:
+            t = torch.as_tensor(target, device=self.device)
+            if t.is_floating_point() or t.dtype == torch.bool:
+                raise TargetError(f"target must hold integers, got dtype {t.dtype}")
+            t = t.long().reshape(-1)
+            if t.numel() == 1:
+                t = t.expand(n).clone()
+            if t.numel() != n:
+                raise TargetError(f"target has {t.numel()} entries for {n} examples")
+        bad = (t < 0) | (t >= c)
+        if bad.any():
+            v = int(t[bad][0])
+            raise TargetError(f"target {v} is out of range for a model with {c} output classes "
+                              f"(valid: 0..{c - 1})")
+        return t
+
+    def select(self, full: Tensor, target: Tensor) -> Tensor:
+        """The target score of each row: ``full[i, target[i]]`` (or ``full`` for (N,) outputs)."""
+        if full.dim() == 1:
+            return full
+        return full.gather(1, target.view(-1, 1)).squeeze(1)
+
+    def forward_full(self, z: Tensor, rows: Tensor) -> Tensor:
+        """Raw model output for points ``z`` of the attributed space; ``rows`` are example indices."""
+        if self.layer is None:
+            out = self.model(z)
+        else:
+            with _ReplaceOutput(self.layer, z):
+                out = self.model(self.x[rows])
+        self._check_output(out, z.shape[0])
+        return out
+
+    def forward(self, z: Tensor, rows: Tensor) -> Tensor:
+        """``(M,)`` target scores at points ``z`` (M rows) belonging to examples ``rows``."""
+        return self.select(self.forward_full(z, rows), self.target[rows])
+
+    # -- baselines -------------------------------------------------------------------------
+    @property
+    def baselines(self) -> Tensor:
+        if self._baselines is None:
+            self._baselines = _baselines.resolve(self._baseline_spec, self.inputs)
+        return self._baselines
+
+    @property
+    def baseline_outputs(self) -> Tensor:
+        if self._baseline_outputs is None:
+            rows = torch.arange(self.n, device=self.device)
+            with torch.no_grad():
+                self._baseline_outputs = self.forward(self.baselines, rows)
+        return self._baseline_outputs
+
+    def baseline_name(self) -> str:
+        spec = self._baseline_spec
+        if isinstance(spec, (str, int, float)):
+            return str(spec)
+        if isinstance(spec, Tensor):
+            return "tensor"
+        return getattr(spec, "__name__", "callable")
+
+    # -- gradients in chunks -----------------------------------------------------------------
+    def expand(self, t: Tensor, k: int) -> Tensor:
+        """Reshape a ``(k,)`` vector to broadcast against ``(k, *inputs.shape[1:])``."""
+        return t.view(k, *([1] * (self.inputs.dim() - 1)))
+
+    def gradient_pass(
+        self,
+        total: int,
+        points: Callable[[Tensor], tuple[Tensor, Tensor]],
+        consume: Callable[[Tensor, Tensor, Tensor, Tensor], None],
+    ) -> None:
+        """Evaluate ``total`` points in chunks and hand each chunk's scores and gradients on.
+
+        ``points(idx) -> (z, rows)`` builds the points with flat indices ``idx`` and their example
+        indices; ``consume(idx, rows, scores, grads)`` accumulates them.
+        """
+        row_bytes = 2 * self.inputs[0].numel() * self.inputs.element_size()
+
+        def work(sl: slice) -> None:
+            idx = torch.arange(sl.start, sl.stop, device=self.device)
+            z, rows = points(idx)
+            z = z.detach().requires_grad_(True)
+            with torch.enable_grad():
+                s = self.forward(z, rows)
+                if not s.requires_grad:
+                    raise NoGradientPathError(
+                        "the model's output does not depend on the attributed tensor (no gradient "
+                        "path): check that the forward uses x (or the given layer's output) "
+                        "through differentiable operations")
+                (g,) = torch.autograd.grad(s.sum(), z, allow_unused=True)
+            if g is None:
+                raise NoGradientPathError("the target score has no gradient path to the input")
+            consume(idx, rows, s.detach(), g)
+
+        run_chunked(total, work, batch_size=self.batch_size, device=self.device,
+                    row_bytes=row_bytes, stats=self.stats)
+
+    def eval_pass(
+        self,
+        total: int,
+        points: Callable[[Tensor], tuple[Tensor, Tensor]],
+        consume: Callable[[Tensor, Tensor, Tensor], None],
+    ) -> None:
+        """Like :meth:`gradient_pass` without gradients (perturbation methods)."""
+        row_bytes = 4 * self.inputs[0].numel() * self.inputs.element_size()
+
+        def work(sl: slice) -> None:
+            idx = torch.arange(sl.start, sl.stop, device=self.device)
+            z, rows = points(idx)
+            with torch.no_grad():
+                consume(idx, rows, self.forward(z, rows))
+
+        # No autograd graph is saved without gradients: size chunks from the inputs alone.
+        run_chunked(total, work, batch_size=self.batch_size, device=self.device,
+                    row_bytes=row_bytes, stats=self.stats)
+
+    # -- the result --------------------------------------------------------------------------
+    def result(
+        self,
+        method: str,
+        attributions: Tensor,
+        *,
+        completeness: bool = False,
+        uses_baseline: bool = False,
+        params: dict[str, Any] | None = None,
+        **fields: Any,
+    ) -> Attribution:
+        """Assemble an :class:`Attribution`; ``delta`` is computed when ``completeness``."""
+        base_out = fields.pop("baseline_outputs", None)
+        baselines = fields.pop("baselines", None)
+        if uses_baseline:
+            base_out = self.baseline_outputs if base_out is None else base_out
+            baselines = self.baselines if baselines is None else baselines
+        delta = None
+        if completeness:
+            delta = attributions.flatten(1).sum(1) - (self.outputs - base_out)
+        p = {"batch_size": self.batch_size, "layer": type(self.layer).__name__ if self.layer else None}
+        if uses_baseline:
+            p["baseline"] = self.baseline_name()
+        if self.unbatched:
+            p["unbatched"] = True
+        p.update(params or {})
+        if "chunks" in self.stats:
+            p["chunks"] = list(self.stats["chunks"])
+        return Attribution(
+            attributions=attributions.detach(),
+            method=method,
+            target=self.target,
+            outputs=self.outputs,
+            baseline_outputs=base_out,
+            delta=delta,
+            params=p,
+            inputs=self.inputs,
+            baselines=baselines,
+            **fields,
+        )

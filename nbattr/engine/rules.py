@@ -1,0 +1,1 @@
+"""Modified-backward methods: DeepLIFT (Rescale) and epsilon-LRP."""
