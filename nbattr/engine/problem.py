@@ -31,6 +31,12 @@ def model_device(model: Any, fallback: torch.device) -> torch.device:
     return fallback
 
 
+def _mode_dependent(model: nn.Module) -> bool:
+    """Whether the model is in training mode and has modules that behave differently then."""
+    kinds = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
+    return any(m.training and isinstance(m, kinds) for m in model.modules())
+
+
 class _ReplaceOutput:
     """Forward hook that replaces a layer's output by given values (removed on exit)."""
 
@@ -122,7 +128,7 @@ class Problem:
         self._baseline_spec = baseline
         self._baselines: Tensor | None = None
         self._baseline_outputs: Tensor | None = None
-        if isinstance(model, nn.Module) and model.training:
+        if isinstance(model, nn.Module) and _mode_dependent(model):
             warnings.warn(
                 "the model is in training mode: dropout and batch-norm make attributions random "
                 "and batch-dependent; call model.eval() first", stacklevel=4)
@@ -148,7 +154,9 @@ class Problem:
                     full, inputs = self._first_forward(x.unsqueeze(0))
                 except Exception:  # noqa: BLE001
                     if err is not None:
-                        raise err
+                        raise InputError(
+                            f"the model failed on x of shape {tuple(x.shape)} (taken as a batch) and "
+                            f"on x[None]: {type(err).__name__}: {err}") from err
                     raise InputError(
                         f"the model maps x of shape {tuple(x.shape)} to an output of shape "
                         f"{tuple(full.shape)}; expected (N, C) or (N,) with N = {x.shape[0]}"

@@ -1,0 +1,190 @@
+"""Bad input gets a named error; the user's model is left exactly as found."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import nbattr
+from nbattr.engine.batching import run_chunked
+
+from .models import cnn, mlp
+
+torch.set_default_dtype(torch.float64)
+
+
+def test_non_float_input() -> None:
+    with pytest.raises(nbattr.InputError, match="floating-point"):
+        nbattr.attribute(mlp(), torch.ones(2, 6, dtype=torch.long))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_inf_input(bad: float) -> None:
+    x = torch.randn(2, 6)
+    x[1, 3] = bad
+    with pytest.raises(nbattr.InputError, match="NaN or Inf"):
+        nbattr.attribute(mlp(), x)
+
+
+def test_wrong_rank_names_shapes() -> None:
+    with pytest.raises(nbattr.InputError, match=r"failed on x of shape \(2, 3, 6, 2\).*shapes cannot be multiplied"):
+        nbattr.attribute(mlp(), torch.randn(2, 3, 6, 2))
+    with pytest.raises(nbattr.InputError, match="0-d"):
+        nbattr.attribute(mlp(), torch.tensor(1.0))
+
+    def three_d(x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, None]
+
+    with pytest.raises(nbattr.InputError, match=r"expected \(N, C\) or \(N,\)"):
+        nbattr.attribute(three_d, torch.randn(2, 6))
+
+
+@pytest.mark.parametrize("target", [4, -1, [0, 9]])
+def test_target_out_of_range(target) -> None:
+    with pytest.raises(nbattr.TargetError, match="out of range"):
+        nbattr.attribute(mlp(), torch.randn(2, 6), target=target)
+
+
+def test_target_wrong_count_and_type() -> None:
+    with pytest.raises(nbattr.TargetError, match="3 entries for 2 examples"):
+        nbattr.attribute(mlp(), torch.randn(2, 6), target=[0, 1, 2])
+    with pytest.raises(nbattr.TargetError, match="integers"):
+        nbattr.attribute(mlp(), torch.randn(2, 6), target=torch.tensor([0.5, 1.0]))
+
+
+def test_no_gradient_path() -> None:
+    def constant(x: torch.Tensor) -> torch.Tensor:
+        return torch.ones(x.shape[0], 3)
+
+    with pytest.raises(nbattr.NoGradientPathError, match="no gradient path"):
+        nbattr.attribute(constant, torch.randn(2, 6))
+
+    def detached(x: torch.Tensor) -> torch.Tensor:
+        return x.detach() @ torch.ones(6, 2)
+
+    with pytest.raises(nbattr.NoGradientPathError):
+        nbattr.attribute(detached, torch.randn(2, 6), method="saliency")
+
+
+def test_baseline_shape_mismatch() -> None:
+    with pytest.raises(nbattr.InputError, match="does not broadcast"):
+        nbattr.attribute(mlp(), torch.randn(2, 6), baseline=torch.zeros(5))
+    with pytest.raises(nbattr.InputError, match="unknown baseline"):
+        nbattr.attribute(mlp(), torch.randn(2, 6), baseline="black")
+    with pytest.raises(nbattr.InputError, match="'blur' baseline needs"):
+        nbattr.attribute(mlp(), torch.randn(2, 6), baseline="blur")
+
+
+def test_unbatched_example_rule() -> None:
+    m = mlp(1)
+    row = torch.randn(6)
+    r = nbattr.attribute(m, row)
+    assert r.attributions.shape == (1, 6) and r.params["unbatched"] is True
+    torch.testing.assert_close(r.attributions, nbattr.attribute(m, row[None]).attributions)
+    c = cnn(1)
+    img = torch.randn(3, 16, 16)
+    r = nbattr.attribute(c, img, method="saliency")
+    assert r.attributions.shape == (1, 3, 16, 16) and r.params["unbatched"] is True
+
+
+def test_scalar_output_models_ignore_target() -> None:
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return (x**2).sum(1)
+
+    x = torch.randn(3, 4)
+    r = nbattr.attribute(f, x, target=7)
+    assert (r.target == 0).all()
+    torch.testing.assert_close(r.attributions, x**2, rtol=1e-8, atol=1e-8)
+
+
+# ---------------------------------------------------------------- hygiene
+def _state(model: nn.Module) -> dict:
+    return {
+        "training": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "grad": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "params": [p.detach().clone() for p in model.parameters()],
+        "buffers": [b.clone() for b in model.buffers()],
+        "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks),
+                   len(getattr(m, "_backward_pre_hooks", {}))) for m in model.modules()],
+    }
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a["training"] == b["training"] and a["requires_grad"] == b["requires_grad"]
+    assert a["hooks"] == b["hooks"]
+    for u, v in zip(a["grad"], b["grad"]):
+        assert (u is None and v is None) or torch.equal(u, v)
+    for u, v in zip(a["params"] + a["buffers"], b["params"] + b["buffers"]):
+        assert torch.equal(u, v)
+
+
+class BNNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.out = nn.Linear(8, 3)
+        self.explode_after = None
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.explode_after is not None and self.calls > self.explode_after:
+            raise RuntimeError("boom")
+        return self.out(torch.relu(self.bn(self.fc(x))))
+
+
+@pytest.mark.filterwarnings("ignore:the model is in training mode")
+@pytest.mark.parametrize("method", ["saliency", "gradient_x_input", "integrated_gradients",
+                                    "interior_gradients", "smoothgrad"])
+@pytest.mark.parametrize("train", [False, True])
+def test_model_state_unchanged_after_success(method: str, train: bool) -> None:
+    m = BNNet().double().train(train)
+    m.out.weight.grad = torch.ones_like(m.out.weight)  # a user's gradient must survive
+    m.fc.bias.requires_grad_(False)  # and a user's frozen parameter stays frozen
+    before = _state(m)
+    layer = m.fc if method == "integrated_gradients" else None
+    nbattr.attribute(m, torch.randn(4, 6), method=method, layer=layer, steps=4)
+    _same(before, _state(m))
+
+
+@pytest.mark.filterwarnings("ignore:the model is in training mode")
+@pytest.mark.parametrize("method", ["saliency", "integrated_gradients", "smoothgrad"])
+def test_model_state_unchanged_after_model_raises(method: str) -> None:
+    m = BNNet().double().train()
+    before = _state(m)
+    m.explode_after = 2  # the first forwards succeed, the gradient pass raises mid-way
+    with pytest.raises(RuntimeError, match="boom"):
+        nbattr.attribute(m, torch.randn(4, 6), method=method, steps=4, layer=m.fc, batch_size=2)
+    _same(before, _state(m))
+    m.explode_after = None
+    assert m(torch.randn(4, 6)).shape == (4, 3)
+
+
+def test_training_mode_warning() -> None:
+    m = BNNet().double().train()
+    with pytest.warns(UserWarning, match="training mode"):
+        nbattr.attribute(m, torch.randn(4, 6), method="saliency")
+
+
+def test_run_chunked_rejects_bad_batch_size_and_retries_oom(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        run_chunked(3, lambda s: None, batch_size=0)
+    seen: list[int] = []
+
+    class FakeOOM(RuntimeError):
+        pass
+
+    def work(sl: slice) -> None:
+        n = sl.stop - sl.start
+        if n > 2:
+            raise FakeOOM("CUDA out of memory. Tried to allocate 2.00 GiB")
+        seen.append(n)
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    run_chunked(7, work, batch_size=8, device=torch.device("cuda"))
+    assert sum(seen) == 7 and max(seen) <= 2
+    with pytest.raises(FakeOOM):  # on CPU nothing is retried
+        run_chunked(7, work, batch_size=8)
