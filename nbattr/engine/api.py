@@ -12,6 +12,7 @@ from .baselines import BaselineSpec
 from .batching import BatchSize
 from .errors import InputError
 from .guard import model_guard
+from .paths import RULES
 from .problem import Problem, TargetSpec
 from .result import Attribution
 
@@ -42,7 +43,8 @@ def attribute(
     target : None (the argmax of each example), an int, or N ints. Ignored for ``(N,)`` outputs.
     baseline : ``"zeros"``, a number, ``"blur"``, ``"uniform"``, ``"mean"``, a tensor broadcastable
         to x, or a callable ``x -> tensor``. With ``layer``, it applies to the layer's output.
-    steps, rule : path points and quadrature rule for path methods (see ``nbattr.engine.paths``).
+    steps, rule : path points and quadrature rule for path methods (see ``nbattr.engine.paths``);
+        ``rule`` also names a method's own rule where it has one (``deeplift``: ``"rescale"``).
     batch_size : rows per model call, or ``"auto"`` (sized from memory; see ``engine.batching``).
     layer : attribute with respect to this module's output instead of the input (embedding-layer
         attribution for models taking token ids).
@@ -58,10 +60,11 @@ def attribute(
     if unknown:
         valid = ", ".join(sorted(info.options)) or "none"
         raise InputError(f"{method} has no option(s) {sorted(unknown)}; its options are: {valid}")
-    if "steps" in info.options:
+    if info.path:  # steps and rule are the path's; other methods may have a rule of their own
         opts.setdefault("steps", steps)
-    if "rule" in info.options:
         opts.setdefault("rule", rule)
+    elif "rule" in info.options and rule not in RULES:
+        opts.setdefault("rule", rule)  # e.g. deeplift's rule="rescale"; the quadrature default is not one
     with model_guard(model):
         problem = Problem(model, x, target=target, baseline=baseline, layer=layer, batch_size=batch_size)
         return info.fn(problem, **opts)

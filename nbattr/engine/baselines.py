@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
-from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +12,7 @@ from torch import Tensor
 
 from .errors import InputError
 
-BaselineSpec = Union[str, float, int, Tensor, Callable[[Tensor], Tensor]]
+BaselineSpec = str | float | int | Tensor | Callable[[Tensor], Tensor]
 
 NAMES = ("zeros", "blur", "uniform", "mean")
 

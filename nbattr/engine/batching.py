@@ -11,11 +11,10 @@ out-of-memory error the chunk is halved and retried, so a user never has to gues
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Union
 
 import torch
 
-BatchSize = Union[int, str]
+BatchSize = int | str
 
 #: bytes a chunk may use on CPU with ``batch_size="auto"``
 CPU_BUDGET_BYTES = 1 << 30
