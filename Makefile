@@ -6,8 +6,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.nbattr-installed
+JS_BUNDLE := nbattr/static/widget.js
 
-.PHONY: test demo bench lint clean
+.PHONY: test demo bench lint clean js chromium
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +18,21 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e ".[test,demo]"
 	touch $@
 
-test: $(STAMP)
+# the widget's JS (js/src) bundled by esbuild into nbattr/static/ (gitignored)
+js: $(JS_BUNDLE)
+
+$(JS_BUNDLE): js/package.json $(wildcard js/src/*)
+	cd js && npm install --no-audit --no-fund && npm run build
+
+# Debian's Chromium for the browser tests (never `playwright install`); skipped tests if it cannot be had
+chromium:
+	@test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium) \
+	  || echo "chromium could not be installed: the browser tests will be skipped"
+
+test: $(STAMP) js chromium
 	$(PY) -m pytest
 
-demo: $(STAMP)
+demo: $(STAMP) js
 	$(PY) examples/demo.py
 
 bench: $(STAMP)
@@ -30,4 +42,4 @@ lint: $(STAMP)
 	$(PY) -m ruff check nbattr tests benchmarks
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) build dist *.egg-info js/node_modules nbattr/static

@@ -11,11 +11,13 @@ from .engine import (
     attribute,
     methods,
 )
+from .widget import Explain  # the live widget (imports without the JS bundle)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Attribution",
+    "Explain",
     "InputError",
     "NbattrError",
     "NoGradientPathError",

@@ -1,0 +1,340 @@
+"""``Explain``: the live widget. Traits and observers only; the work is done by
+:class:`~nbattr.widget.controller.Controller`, the bytes by :mod:`nbattr.widget.codec`."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import anywidget
+import numpy as np
+import torch
+import traitlets as t
+from torch import Tensor, nn
+
+from .. import render
+from ..engine import attribute
+from ..engine import methods as all_methods
+from . import codec, payload
+from .controller import Controller, Outcome
+
+STATIC = Path(__file__).resolve().parent.parent / "static"
+
+_MISSING_ESM = """
+export default { render({ el }) {
+  const d = document.createElement("div");
+  d.className = "nbattr-missing";
+  d.style.cssText = "padding:8px;border:1px solid #c00;color:#900;font-family:sans-serif";
+  d.textContent = "nbattr: the widget's JavaScript bundle (nbattr/static/widget.js) is not built. "
+    + "Run `make js` (or `npm install && npm run build` in js/) and re-run this cell. "
+    + "Explain(...).plot() works without it.";
+  el.appendChild(d);
+} };
+"""
+
+IMAGE_BASELINES = ["zeros", "blur", "uniform", "mean"]
+OTHER_BASELINES = ["zeros", "uniform", "mean"]
+
+
+def _read(name: str, fallback: str) -> str:
+    p = STATIC / name
+    try:
+        return p.read_text(encoding="utf-8")
+    except OSError:
+        return fallback
+
+
+def bundle_present() -> bool:
+    return (STATIC / "widget.js").is_file()
+
+
+class Explain(anywidget.AnyWidget):
+    """Live attribution view for one input: image overlay, token bars or feature bars.
+
+    Parameters
+    ----------
+    model : ``nn.Module`` (eval mode) mapping a batch to scores ``(N, C)`` or ``(N,)``.
+    x : image ``(C, H, W)`` / ``(1, C, H, W)``; token ids ``(L,)`` / ``(1, L)`` with ``tokens=`` and
+        ``layer=``; or a feature row ``(F,)`` / ``(1, F)`` with ``feature_names=``.
+    tokens, layer : the text view: token strings (shown as text, never HTML) and the embedding module.
+    feature_names : the tabular view.
+    labels : class names (a sequence or ``{index: name}``).
+    methods : restrict the method list (names from :func:`nbattr.methods`).
+    method, baseline, target, steps : the starting choice; all four are synced traits.
+    baseline may also be a tensor or callable (listed as ``"custom"``).
+    image : what to draw under the map (defaults to ``x`` min-max scaled).
+    """
+
+    _esm = _read("widget.js", _MISSING_ESM)
+    _css = _read("widget.css", "")
+
+    # the user's choices (synced both ways)
+    method = t.Unicode("integrated_gradients").tag(sync=True)
+    baseline = t.Unicode("zeros").tag(sync=True)
+    target = t.Int(0).tag(sync=True)
+    steps = t.Int(32).tag(sync=True)
+    colormap = t.Unicode("inferno").tag(sync=True)
+    sign = t.Unicode("absolute").tag(sync=True)
+    opacity = t.Float(0.65).tag(sync=True)
+    clip = t.Float(99.0).tag(sync=True)
+    compare = t.List(t.Unicode()).tag(sync=True)
+
+    # what the page needs to know (Python -> page)
+    kind = t.Unicode("image").tag(sync=True)
+    methods = t.List(t.Unicode()).tag(sync=True)
+    descriptions = t.Dict().tag(sync=True)
+    path_methods = t.List(t.Unicode()).tag(sync=True)
+    baselines = t.List(t.Unicode()).tag(sync=True)
+    tokens = t.List(t.Unicode()).tag(sync=True)
+    feature_names = t.List(t.Unicode()).tag(sync=True)
+    topk = t.List(t.Dict()).tag(sync=True)
+    status = t.Unicode("idle").tag(sync=True)
+    error = t.Unicode("").tag(sync=True)
+    progress = t.Float(0.0).tag(sync=True)
+    receipt = t.Dict().tag(sync=True)
+    seq = t.Int(0).tag(sync=True)
+    image_data = t.Dict().tag(sync=True)
+    map_data = t.Dict().tag(sync=True)
+    frames = t.Dict().tag(sync=True)
+    curve = t.Dict().tag(sync=True)
+    compare_maps = t.Dict().tag(sync=True)
+
+    def __init__(
+        self,
+        model: Any,
+        x: Tensor,
+        *,
+        tokens: Sequence[str] | None = None,
+        layer: nn.Module | None = None,
+        feature_names: Sequence[str] | None = None,
+        labels: Sequence[str] | Mapping[int, str] | None = None,
+        methods: Sequence[str] | None = None,
+        method: str | None = None,
+        baseline: Any = "zeros",
+        target: int | None = None,
+        steps: int = 32,
+        image: Any = None,
+        topk: int = 5,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(x, Tensor):
+            x = torch.as_tensor(x)
+        known = all_methods()
+        names = list(methods) if methods is not None else list(known)
+        bad = [m for m in names if m not in known]
+        if bad:
+            raise ValueError(f"unknown method(s) {bad}; known: {sorted(known)}")
+        if tokens is not None:
+            kind = "text"
+            x = x.reshape(1, -1) if x.dim() == 1 else x
+        elif feature_names is not None or (x.dim() <= 2 and x.is_floating_point()):
+            kind = "tabular"
+            x = x.reshape(1, -1) if x.dim() == 1 else x
+        else:
+            kind = "image"
+            x = x[None] if x.dim() == 3 else x
+        self._model, self._x, self._layer, self._labels = model, x, layer, labels
+        self._custom_baseline = None
+        base_list = list(IMAGE_BASELINES if kind == "image" else OTHER_BASELINES)
+        if not isinstance(baseline, str):
+            self._custom_baseline = baseline
+            base_list.append("custom")
+            baseline = "custom"
+        self.payload: dict[str, Any] | None = None
+        self._compare_cache: dict[str, np.ndarray] = {}
+
+        with torch.no_grad():
+            logits = model(x)
+        top = self._predictions(logits, topk)
+        if target is None:
+            target = top[0]["index"] if top else 0
+
+        super().__init__(**kwargs)
+        self._controller = Controller(self._compute, self._publish, self._on_state)
+        with self.hold_trait_notifications():
+            self.kind = kind
+            self.methods = names
+            self.descriptions = {m: known[m].description for m in names}
+            self.path_methods = [m for m in names if known[m].path]
+            self.baselines = base_list
+            self.topk = top
+            if tokens is not None:
+                self.tokens = [str(s) for s in tokens]
+            if feature_names is not None:
+                self.feature_names = [str(s) for s in feature_names]
+            elif kind == "tabular":
+                self.feature_names = [f"x{i}" for i in range(x.shape[-1])]
+            if kind == "image":
+                self.image_data = codec.encode_image(image if image is not None else x)
+            if kind != "image":
+                self.sign = "signed"
+            self.method = method or ("integrated_gradients" if "integrated_gradients" in names else names[0])
+            self.baseline = baseline
+            self.steps = int(steps)
+            self.target = int(target)
+        self._request()
+
+    # -- predictions ---------------------------------------------------------------------
+    def label(self, i: int) -> str:
+        lab = self._labels
+        try:
+            if lab is not None:
+                return str(lab[i])
+        except (IndexError, KeyError, TypeError):
+            pass
+        return str(i)
+
+    def _predictions(self, logits: Tensor, k: int) -> list[dict[str, Any]]:
+        out = logits.detach().float().cpu()
+        if out.dim() == 2:
+            out = out[0]
+        if out.dim() == 0 or out.numel() == 1:
+            return [{"index": 0, "label": self.label(0), "prob": None, "score": float(out.reshape(-1)[0])}]
+        probs = torch.softmax(out, 0)
+        vals, idx = probs.topk(min(k, out.numel()))
+        return [{"index": int(i), "label": self.label(int(i)), "prob": float(v), "score": float(out[i])}
+                for v, i in zip(vals, idx)]
+
+    # -- requests --------------------------------------------------------------------------
+    @t.observe("method", "baseline", "target", "steps")
+    def _on_choice(self, _change: dict[str, Any]) -> None:
+        if hasattr(self, "_controller"):
+            self._request()
+
+    @t.observe("compare")
+    def _on_compare(self, _change: dict[str, Any]) -> None:
+        if hasattr(self, "_controller"):
+            self._request()
+
+    def key(self) -> tuple[Any, ...]:
+        return (self.method, self.baseline, int(self.target), int(self.steps), tuple(self.compare))
+
+    def _request(self) -> None:
+        self._controller.request(self.key())
+
+    def _baseline_spec(self, name: str) -> Any:
+        if name == "custom":
+            return self._custom_baseline
+        if name == "noise":
+            return "uniform"
+        try:
+            return float(name)
+        except ValueError:
+            return name
+
+    def _attribute_one(self, method: str, baseline: str, target: int, steps: int) -> dict[str, Any]:
+        known = all_methods()
+        if method not in known:
+            raise ValueError(f"unknown method {method!r}; known: {', '.join(sorted(known))}")
+        info = known[method]
+        opts: dict[str, Any] = {}
+        if "rule" in info.options and info.path:
+            opts["rule"] = "riemann_trapezoid"  # evenly spaced α frames including 0 and 1
+            steps = max(int(steps), 2)
+        if "keep_path" in info.options:
+            opts["keep_path"] = True
+        attr = attribute(self._model, self._x, method=method, target=target,
+                         baseline=self._baseline_spec(baseline), steps=int(steps), layer=self._layer, **opts)
+        return payload.build(attr, self.kind, self.label(target))
+
+    def _compute(self, key: tuple[Any, ...]) -> dict[str, Any]:
+        method, baseline, target, steps, compare = key
+        p = self._attribute_one(method, baseline, target, steps)
+        if compare:
+            grid = {}
+            for m in compare:
+                ck = (m, baseline, target, steps, ())
+                hit = self._controller.get_cached(ck)
+                if hit is None:
+                    hit = self._attribute_one(m, baseline, target, steps)
+                grid[m] = hit["maps"]
+            p["compare"] = grid
+        return p
+
+    # -- results (worker thread, or the caller's for cache hits) ---------------------------
+    def _on_state(self, state: str, _key: Any) -> None:
+        if state == "computing":
+            with self.hold_sync():
+                self.status = "computing"
+                self.progress = 0.1
+        elif self.status == "computing":
+            self.status = "idle"
+
+    def _publish(self, o: Outcome) -> None:
+        with self.hold_sync():
+            if o.error is not None:
+                self.error = o.error
+                self.status = "error"
+                self.progress = 0.0
+                self.seq = self.seq + 1
+                return
+            p = o.payload
+            self.payload = p
+            self.error = ""
+            self.map_data = codec.encode(p["maps"])
+            if "frames" in p:
+                self.frames = codec.encode_frames(p["frames"])
+                self.curve = codec.encode(p["curve"])
+            else:
+                self.frames = {}
+                self.curve = {}
+            if "compare" in p:
+                self.compare_maps = {m: codec.encode(v) for m, v in p["compare"].items()}
+            else:
+                self.compare_maps = {}
+            self.receipt = dict(p["receipt"], cached=o.cached, seconds=round(o.seconds, 4))
+            self.progress = 1.0
+            self.status = "idle"
+            self.seq = self.seq + 1
+
+    # -- static pictures -------------------------------------------------------------------
+    def wait(self, timeout: float = 60.0) -> bool:
+        """Block until the current request is done (True) or ``timeout`` seconds passed."""
+        return self._controller.wait(timeout)
+
+    def _picture_kw(self) -> dict[str, Any]:
+        img = None
+        if self.kind == "image" and self.image_data:
+            img = codec.decode(self.image_data)[..., :3]
+        names = self.tokens if self.kind == "text" else self.feature_names
+        p = self.payload
+        return dict(kind=self.kind, maps=None if p is None else p["maps"], image=img,
+                    receipt=None if p is None else p["receipt"], names=names or None, sign=self.sign,
+                    cmap=self.colormap, opacity=self.opacity, clip=self.clip)
+
+    def png(self, timeout: float = 30.0) -> bytes:
+        self.wait(timeout)
+        kw = self._picture_kw()
+        return render.png_bytes(kw.pop("kind"), kw.pop("maps"), **kw)
+
+    def save(self, path: str, timeout: float = 60.0) -> str:
+        """Write the current explanation as a PNG (no Jupyter needed)."""
+        with open(path, "wb") as f:
+            f.write(self.png(timeout))
+        return path
+
+    def plot(self, timeout: float = 60.0) -> Any:
+        """The current explanation as a matplotlib Figure."""
+        import matplotlib.pyplot as plt
+
+        self.wait(timeout)
+        kw = self._picture_kw()
+        fig = plt.figure(figsize=(8, 3.6) if kw["kind"] == "image" else (6, 4))
+        return render.draw(fig, kw.pop("kind"), kw.pop("maps"), **kw)
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        out = super()._repr_mimebundle_(**kwargs)
+        data, meta = out if isinstance(out, tuple) else (out, {})
+        try:
+            data["image/png"] = base64.b64encode(self.png(timeout=20.0)).decode("ascii")
+        except Exception:  # noqa: BLE001 - the live view matters more than the picture
+            pass
+        return data, meta
+
+    def close(self) -> None:
+        ctl = getattr(self, "_controller", None)
+        if ctl is not None:
+            ctl.close()
+        super().close()

@@ -1,0 +1,73 @@
+"""Attribution -> what the views draw (numpy arrays and a receipt). No bytes here (see codec).
+
+Reductions (done in Python, sent as float32):
+
+- image ``(1, C, H, W)``: ``maps[0]`` = sum over channels of |a| (the pixel importance of the IG
+  paper, the default), ``maps[1]`` = signed sum over channels. The page's sign modes use them:
+  absolute -> maps[0]; signed -> maps[1] (diverging); positive / negative -> max(+/-maps[1], 0).
+- text ``(1, L, D)`` over an embedding layer, or tabular ``(1, F)``: per token / feature sum over
+  the remaining dims, again as ``[abs-sum, signed-sum]``.
+
+α frames (path methods run with ``keep_path=True``): frame k is the channel sum of
+|g_k * (x - x')|, the interior gradient at α_k scaled by the input difference (paper Fig. 3);
+``curve`` holds α_k, F(x' + α_k (x - x')) and F(x') + the cumulative trapezoid integral of
+sum(g * (x - x')) up to α_k (which ends at F(x') + sum of attributions).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def _np(t: Any) -> np.ndarray:
+    return t.detach().cpu().double().numpy()
+
+
+def reduce(a: np.ndarray, kind: str) -> np.ndarray:
+    """``(N, ...)`` attributions of example 0 -> ``(2, *view_shape)`` [abs-sum, signed-sum]."""
+    a0 = a[0]
+    if kind == "image":
+        if a0.ndim == 2:
+            a0 = a0[None]
+        return np.stack([np.abs(a0).sum(0), a0.sum(0)])
+    if a0.ndim == 1:
+        return np.stack([np.abs(a0), a0])
+    flat = a0.reshape(a0.shape[0], -1)
+    return np.stack([np.abs(flat).sum(1), flat.sum(1)])
+
+
+def build(attr: Any, kind: str, label: str | None = None) -> dict[str, Any]:
+    a = _np(attr.attributions)
+    out: dict[str, Any] = {"maps": reduce(a, kind)}
+    fx = float(attr.outputs[0])
+    fb = None if attr.baseline_outputs is None else float(attr.baseline_outputs[0])
+    total = float(a[0].sum())
+    out["receipt"] = {
+        "method": attr.method,
+        "target": int(attr.target[0]),
+        "label": label,
+        "fx": fx,
+        "fbase": fb,
+        "total": total,
+        "delta": None if attr.delta is None else float(attr.delta[0]),
+        "gap": None if fb is None else fx - fb,
+        "unsupported": {str(k): int(v) for k, v in (attr.unsupported or {}).items()},
+        "params": {k: v for k, v in attr.params.items() if isinstance(v, (int, float, str, bool, type(None)))},
+    }
+    if attr.path_gradients is not None and attr.path_outputs is not None and attr.baselines is not None:
+        g = _np(attr.path_gradients)[:, 0]  # (S, ...)
+        diff = _np(attr.inputs)[0] - _np(attr.baselines)[0]
+        contrib = g * diff[None]  # (S, ...)
+        alphas = _np(attr.alphas)
+        frames = np.stack([reduce(np.abs(c)[None], kind)[0] for c in contrib])
+        per_step = contrib.reshape(contrib.shape[0], -1).sum(1)
+        cum = np.zeros_like(per_step)
+        if len(alphas) > 1:
+            da = np.diff(alphas)
+            cum[1:] = np.cumsum(da * (per_step[1:] + per_step[:-1]) / 2.0)
+        base = fb if fb is not None else 0.0
+        out["frames"] = frames
+        out["curve"] = np.stack([alphas, _np(attr.path_outputs)[:, 0], base + cum])
+    return out

@@ -1,0 +1,181 @@
+import base64
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from nbattr.widget import Explain, codec
+from nbattr.widget import explain as explain_mod
+
+XSS = "<img src=x onerror=alert(1)>"
+
+
+def maps(w):
+    return codec.decode(w.map_data)
+
+
+def test_image_widget_first_result_and_traits(cnn, image):
+    w = Explain(cnn, image, labels=[f"c{i}" for i in range(10)])
+    assert w.wait(30)
+    assert w.kind == "image" and w.method == "integrated_gradients" and w.status == "idle"
+    assert w.map_data["dtype"] == "float32" and w.map_data["shape"] == [2, 16, 16]
+    assert isinstance(w.map_data["view"], memoryview)
+    assert w.image_data["shape"] == [16, 16, 4]
+    # α player: one uint8 buffer with per-frame scales, and the curve as float32
+    assert w.frames["dtype"] == "uint8" and w.frames["shape"] == [32, 16, 16]
+    assert len(w.frames["scales"]) == 32
+    curve = codec.decode(w.curve)
+    assert curve.shape == (3, 32) and curve[0, 0] == 0 and curve[0, -1] == 1
+    r = w.receipt
+    assert r["method"] == "integrated_gradients" and r["label"] == f"c{w.target}"
+    # the cumulative sum ends at F(x') + sum of attributions; trapezoid IG is complete up to delta
+    assert curve[2, -1] == pytest.approx(r["fbase"] + r["total"], abs=1e-4)
+    assert abs(r["delta"]) < 0.05 * max(1e-3, abs(r["fx"] - r["fbase"])) + 1e-3
+    assert w.topk[0]["index"] == w.target and abs(sum(p["prob"] for p in w.topk)) <= 1.0 + 1e-6
+    w.close()
+
+
+def test_trait_change_recomputes(cnn, image):
+    w = Explain(cnn, image)
+    w.wait(30)
+    before = maps(w)
+    seq = w.seq
+    w.method = "saliency"
+    assert w.wait(30)
+    assert w.receipt["method"] == "saliency" and w.seq > seq
+    assert not np.allclose(before, maps(w))
+    assert w.frames == {} and w.curve == {}  # no α player for a non-path method
+    w.target = w.topk[1]["index"]
+    w.wait(30)
+    assert w.receipt["target"] == w.topk[1]["index"]
+    w.steps = 8
+    w.method = "integrated_gradients"
+    w.wait(30)
+    assert w.frames["shape"][0] == 8
+    w.baseline = "blur"
+    w.wait(30)
+    assert w.receipt["params"]["baseline"] == "blur"
+    w.close()
+
+
+def test_cache_hit_does_not_recompute(cnn, image):
+    w = Explain(cnn, image)
+    w.wait(30)
+    first = maps(w)
+    w.method = "saliency"
+    w.wait(30)
+    n = len(w._controller.computed)
+    w.method = "integrated_gradients"  # cached: published at once, on this thread
+    assert w.receipt["cached"] is True and w.receipt["method"] == "integrated_gradients"
+    assert len(w._controller.computed) == n
+    np.testing.assert_array_equal(maps(w), first)
+    w.close()
+
+
+def test_fifty_rapid_switches_end_on_the_last_choice(cnn, image):
+    w = Explain(cnn, image, steps=8)
+    w.wait(30)
+    names = ["saliency", "gradient_x_input", "integrated_gradients", "smoothgrad"]
+    targets = [p["index"] for p in w.topk[:3]]
+    for i in range(50):
+        w.method = names[i % len(names)]
+        w.target = targets[i % len(targets)]
+    assert w.wait(60)
+    assert w.receipt["method"] == w.method == names[49 % 4]
+    assert w.receipt["target"] == w.target == targets[49 % 3]
+    expected = Explain(cnn, image, steps=8, method=w.method, target=w.target)
+    expected.wait(30)
+    np.testing.assert_allclose(maps(w), maps(expected), rtol=1e-5, atol=1e-7)
+    w.close()
+    expected.close()
+
+
+def test_engine_error_is_shown_and_widget_stays_usable(cnn, image):
+    w = Explain(cnn, image)
+    w.wait(30)
+    w.baseline = "no-such-baseline"
+    w.wait(30)
+    assert w.status == "error" and "no-such-baseline" in w.error
+    w.method = "no-such-method"
+    w.wait(30)
+    assert "unknown method" in w.error
+    w.method = "saliency"
+    w.baseline = "zeros"
+    w.wait(30)
+    assert w.status == "idle" and w.error == "" and w.receipt["method"] == "saliency"
+    w.close()
+
+
+def test_text_view_keeps_html_tokens_literal(text_model):
+    tokens = ["hello", XSS, "world", "&amp;"]
+    ids = torch.tensor([3, 7, 11, 2])
+    w = Explain(text_model, ids, tokens=tokens, layer=text_model.emb, methods=["integrated_gradients", "saliency"])
+    assert w.wait(30) and w.error == ""
+    assert w.kind == "text" and w.tokens == tokens  # sent as plain strings, escaped by nobody
+    assert w.map_data["shape"] == [2, 4] and w.sign == "signed"
+    assert "blur" not in w.baselines
+    m = maps(w)
+    assert m[1].sum() == pytest.approx(w.receipt["total"], abs=1e-5)
+    png = w.png()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    w.close()
+
+
+def test_tabular_view(cnn):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).eval()
+    w = Explain(model, torch.tensor([0.5, -1.0, 2.0, 0.1]), feature_names=["a", "b", "c", "d"])
+    assert w.wait(30) and w.error == ""
+    assert w.kind == "tabular" and w.map_data["shape"] == [2, 4] and w.feature_names == ["a", "b", "c", "d"]
+    w.close()
+
+
+def test_custom_baseline_and_methods_restriction(cnn, image):
+    w = Explain(cnn, image, baseline=torch.full((1, 3, 16, 16), 0.5), methods=["saliency", "integrated_gradients"])
+    assert w.methods == ["saliency", "integrated_gradients"] and w.baseline == "custom" and "custom" in w.baselines
+    w.wait(30)
+    assert w.receipt["params"]["baseline"] == "tensor"
+    with pytest.raises(ValueError, match="unknown method"):
+        Explain(cnn, image, methods=["nope"])
+    w.close()
+
+
+def test_compare_mode_grid(cnn, image):
+    w = Explain(cnn, image, steps=8, methods=["integrated_gradients", "saliency"])
+    w.wait(30)
+    w.compare = ["integrated_gradients", "saliency"]
+    w.wait(30)
+    assert set(w.compare_maps) == {"integrated_gradients", "saliency"}
+    assert w.compare_maps["saliency"]["shape"] == [2, 16, 16]
+    w.close()
+
+
+def test_mimebundle_carries_png_and_save_plot(cnn, image, tmp_path):
+    w = Explain(cnn, image)
+    data, _meta = w._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in data
+    assert base64.b64decode(data["image/png"])[:4] == b"\x89PNG"
+    out = w.save(str(tmp_path / "x.png"))
+    assert open(out, "rb").read(4) == b"\x89PNG"
+    import matplotlib
+
+    matplotlib.use("Agg")
+    fig = w.plot()
+    assert len(fig.axes) >= 2
+    w.close()
+
+
+def test_missing_bundle_gives_a_message_not_an_import_error(tmp_path):
+    assert explain_mod._read("no-such-file.js", "FALLBACK") == "FALLBACK"
+    assert "not built" in explain_mod._MISSING_ESM
+    # a fresh interpreter with the static folder hidden still imports nbattr and builds a widget
+    code = (
+        "import pathlib, nbattr.widget.explain as e\n"
+        "e.STATIC = pathlib.Path('/nonexistent')\n"
+        "assert not e.bundle_present()\n"
+        "import nbattr; print('ok', nbattr.__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok nbattr" in out.stdout, out.stderr
