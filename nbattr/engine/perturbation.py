@@ -64,6 +64,16 @@ def _is_int(v: object) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
+def _int_tuple(value: object, name: str) -> tuple[int, ...]:
+    try:
+        out = tuple(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise InputError(f"{name} must be an int or a tuple of ints, got {value!r}") from None
+    if not all(_is_int(v) for v in out):
+        raise InputError(f"{name} must be an int or a tuple of ints, got {value!r}")
+    return tuple(int(v) for v in out)
+
+
 def resolve_window(window: WindowSpec, shape: Sequence[int]) -> tuple[int, ...]:
     """Turn the ``window`` option into a full tuple over the non-batch ``shape``.
 
@@ -83,13 +93,7 @@ def resolve_window(window: WindowSpec, shape: Sequence[int]) -> tuple[int, ...]:
         else:
             win = (shape[0],) + (w,) * (nd - 1)
     else:
-        try:
-            win = tuple(window)  # type: ignore[arg-type]
-        except TypeError:
-            raise InputError(f"window must be an int or a tuple of ints, got {window!r}") from None
-        if not all(_is_int(v) for v in win):
-            raise InputError(f"window must be an int or a tuple of ints, got {window!r}")
-        win = tuple(int(v) for v in win)
+        win = _int_tuple(window, "window")
         if len(win) != nd:
             raise InputError(
                 f"window {win} has {len(win)} entries but the attributed tensor has {nd} non-batch "
@@ -113,13 +117,7 @@ def resolve_stride(stride: WindowSpec, window: tuple[int, ...], shape: Sequence[
     elif _is_int(stride):
         st = (int(stride),) * len(window)
     else:
-        try:
-            st = tuple(stride)  # type: ignore[arg-type]
-        except TypeError:
-            raise InputError(f"stride must be an int or a tuple of ints, got {stride!r}") from None
-        if not all(_is_int(v) for v in st):
-            raise InputError(f"stride must be an int or a tuple of ints, got {stride!r}")
-        st = tuple(int(v) for v in st)
+        st = _int_tuple(stride, "stride")
         if len(st) != len(window):
             raise InputError(f"stride {st} has {len(st)} entries; the window {window} has {len(window)}")
     if any(v < 1 for v in st):

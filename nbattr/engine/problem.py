@@ -78,6 +78,18 @@ class _Capture:
         self.handle.remove()
 
 
+def score_gradient(scores: Tensor, z: Tensor) -> Tensor:
+    """Gradient of ``scores.sum()`` with respect to ``z``; a named error when there is no path."""
+    if not scores.requires_grad:
+        raise NoGradientPathError(
+            "the model's output does not depend on the attributed tensor (no gradient path): check "
+            "that the forward uses x (or the given layer's output) through differentiable operations")
+    (g,) = torch.autograd.grad(scores.sum(), z, allow_unused=True)
+    if g is None:
+        raise NoGradientPathError("the target score has no gradient path to the input")
+    return g
+
+
 class Problem:
     """Validated inputs of one :func:`nbattr.attribute` call.
 
@@ -302,14 +314,7 @@ class Problem:
             z = z.detach().requires_grad_(True)
             with torch.enable_grad():
                 s = self.forward(z, rows)
-                if not s.requires_grad:
-                    raise NoGradientPathError(
-                        "the model's output does not depend on the attributed tensor (no gradient "
-                        "path): check that the forward uses x (or the given layer's output) "
-                        "through differentiable operations")
-                (g,) = torch.autograd.grad(s.sum(), z, allow_unused=True)
-            if g is None:
-                raise NoGradientPathError("the target score has no gradient path to the input")
+                g = score_gradient(s, z)
             consume(idx, rows, s.detach(), g)
 
         run_chunked(total, work, batch_size=self.batch_size, device=self.device,

@@ -69,8 +69,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .batching import run_chunked
-from .errors import InputError, NoGradientPathError, UnsupportedOperationError
-from .problem import Problem
+from .errors import InputError, UnsupportedOperationError
+from .problem import Problem, score_gradient
 from .registry import register
 
 # -- operation tables ---------------------------------------------------------------------------
@@ -460,15 +460,7 @@ def _modified_gradient(p: Problem, method: str, multiplier: Multiplier, *, refer
                 raise UnsupportedOperationError(
                     f"{method}: no rule for {_ops_text(replay.unsupported)}; strict=True forbids the "
                     "plain-gradient fallback (pass strict=False to compute anyway)")
-            s = p.select(full, p.target[rows])
-            if not s.requires_grad:
-                raise NoGradientPathError(
-                    "the model's output does not depend on the attributed tensor (no gradient "
-                    "path): check that the forward uses x (or the given layer's output) "
-                    "through differentiable operations")
-            (g,) = torch.autograd.grad(s.sum(), z, allow_unused=True)
-        if g is None:
-            raise NoGradientPathError("the target score has no gradient path to the input")
+            g = score_gradient(p.select(full, p.target[rows]), z)
         grads[sl] = g
 
     run_chunked(p.n, work, batch_size=p.batch_size, device=p.device, row_bytes=row_bytes, stats=p.stats)
