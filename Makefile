@@ -24,7 +24,7 @@ js: $(JS_BUNDLE)
 $(JS_BUNDLE): js/package.json $(wildcard js/src/*)
 	cd js && npm install --no-audit --no-fund && npm run build
 
-# Debian's Chromium for the browser tests (never `playwright install`); skipped tests if it cannot be had
+# Debian's Chromium for the browser tests (Playwright never downloads a browser here); in CI its absence fails them
 chromium:
 	@test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium) \
 	  || echo "chromium could not be installed: the browser tests will be skipped"
