@@ -27,7 +27,7 @@ $(JS_BUNDLE): js/package.json $(wildcard js/src/*)
 # Debian's Chromium for the browser tests (Playwright never downloads a browser here); in CI its absence fails them
 chromium:
 	@test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium) \
-	  || echo "chromium could not be installed: the browser tests will be skipped"
+	  || echo "chromium could not be installed: browser tests are skipped locally and fail in CI"
 
 test: $(STAMP) js chromium
 	$(PY) -m pytest
