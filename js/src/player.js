@@ -11,40 +11,32 @@ function svg(tag, attrs = {}) {
   return e;
 }
 
+function h(tag, className, text) {
+  const e = document.createElement(tag);
+  if (className) e.className = className;
+  if (text !== undefined) e.textContent = text; // text, never HTML
+  return e;
+}
+
 export function createPlayer() {
-  const el = document.createElement("div");
-  el.className = "nbattr-player";
-  const title = document.createElement("div");
-  title.className = "nbattr-subtitle";
-  title.textContent = "interior gradients along α";
-  const canvas = document.createElement("canvas");
-  canvas.className = "nbattr-frame";
-  const row = document.createElement("div");
-  row.className = "nbattr-row";
-  const play = document.createElement("button");
+  const el = h("div", "nbattr-player");
+  const title = h("div", "nbattr-subtitle", "interior gradients along α");
+  const canvas = h("canvas", "nbattr-frame");
+  const row = h("div", "nbattr-row");
+  const play = h("button", "nbattr-play", "▶ play");
   play.type = "button";
-  play.className = "nbattr-play";
-  play.textContent = "▶ play";
   play.setAttribute("aria-label", "play or pause the α animation");
-  const slider = document.createElement("input");
+  const slider = h("input", "nbattr-alpha");
   slider.type = "range";
-  slider.className = "nbattr-alpha";
   slider.min = "0";
   slider.step = "1";
   slider.setAttribute("aria-label", "α step");
-  const label = document.createElement("span");
-  label.className = "nbattr-alpha-label";
+  const label = h("span", "nbattr-alpha-label");
   row.append(play, slider, label);
   const chart = svg("svg", { width: 240, height: 130, class: "nbattr-chart", role: "img" });
-  const key = document.createElement("div");
-  key.className = "nbattr-chart-key";
-  const k1 = document.createElement("span");
-  k1.className = "k-score";
-  k1.textContent = "— F(x' + α(x − x'))";
-  const k2 = document.createElement("span");
-  k2.className = "k-cum";
-  k2.textContent = "— F(x') + Σ attributions up to α";
-  key.append(k1, k2);
+  const key = h("div", "nbattr-chart-key");
+  key.append(h("span", "k-score", "— F(x' + α(x − x'))"),
+             h("span", "k-cum", "— F(x') + Σ attributions up to α"));
   const left = document.createElement("div");
   left.append(canvas, row);
   const right = document.createElement("div");
