@@ -36,6 +36,7 @@ chromium:
 # the unit, browser and widget tests, then every tutorial in notebooks/ executed top to bottom (nbval)
 test: $(STAMP) js chromium
 	$(PY) -m pytest
+	$(PY) -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider notebooks
 
 # JupyterLab on the quickstart; pass e.g. JUPYTER_ARGS="--no-browser --port 8899" on a headless machine
 QUICKSTART := notebooks/01_quickstart_images.ipynb

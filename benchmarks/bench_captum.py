@@ -1,7 +1,11 @@
 """nbattr against Captum, timed in one run on the same model, batch, steps and baseline.
 
 Prints the median time of each side over repeats and the ratio nbattr / Captum (< 1: nbattr is
-faster). A script, not a test: timings depend on the machine.
+faster), and the peak memory of one call of each side: on CUDA ``torch.cuda.max_memory_allocated``
+above what was allocated before the call; on CPU the rise of the process's resident set size
+(``/proc/self/statm``) sampled every millisecond by a thread during the call (tracemalloc does not
+see torch's allocations; ``getrusage`` maxrss is a lifetime high-water mark, blind to a call that
+stays under an earlier peak). A script, not a test: timings depend on the machine.
 
     python benchmarks/bench_captum.py [--device cuda] [--repeats 5] [--quick]
 """
@@ -9,8 +13,10 @@ faster). A script, not a test: timings depend on the machine.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -41,6 +47,39 @@ def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float
             torch.cuda.synchronize()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> float | None:
+    """MiB one call of ``fn`` needs above what was in use before it (None where not measurable)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated(device) - start) / 2**20
+    if not os.path.exists("/proc/self/statm"):
+        return None
+    start, peak, done = _rss(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.001)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        th.join()
+    return max(0, max(peak[0], _rss()) - start) / 2**20
 
 
 def cases(model: nn.Module, x: torch.Tensor, steps: int):
@@ -89,13 +128,16 @@ def main() -> int:
             print(f"(skipping EfficientNet-Lite0: {e})")
     print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} "
           f"steps={args.steps} repeats={args.repeats}")
-    print(f"{'model':34s} {'method':26s} {'nbattr s':>9s} {'captum s':>9s} {'ratio':>6s}")
+    mem = "peak MiB (CUDA allocated)" if device.type == "cuda" else "peak MiB (RSS rise, sampled)"
+    print(f"{'model':34s} {'method':26s} {'nbattr s':>9s} {'captum s':>9s} {'ratio':>6s}   {mem}: nbattr, captum")
     for name, model, x in models:
         model, x = model.to(device), x.to(device)
         for label, ours, theirs in cases(model, x, args.steps):
             to = timed(ours, args.repeats, device)
             tc = timed(theirs, args.repeats, device)
-            print(f"{name:34s} {label:26s} {to:9.3f} {tc:9.3f} {to / tc:6.2f}", flush=True)
+            mo, mc = peak_memory(ours, device), peak_memory(theirs, device)
+            ms = "n/a" if mo is None or mc is None else f"{mo:8.1f} {mc:8.1f}"
+            print(f"{name:34s} {label:26s} {to:9.3f} {tc:9.3f} {to / tc:6.2f}   {ms}", flush=True)
     return 0
 
 

@@ -9,6 +9,7 @@ from .engine import (
     TargetError,
     UnsupportedOperationError,
     attribute,
+    attribute_dataset,
     methods,
 )
 from .widget import Explain  # the live widget (imports without the JS bundle)
@@ -25,5 +26,6 @@ __all__ = [
     "UnsupportedOperationError",
     "__version__",
     "attribute",
+    "attribute_dataset",
     "methods",
 ]

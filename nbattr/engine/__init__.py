@@ -1,6 +1,7 @@
 """The attribution engine: pure PyTorch, no widget or plotting imports."""
 
 from .api import attribute
+from .dataset import attribute_dataset
 from .errors import (
     InputError,
     NbattrError,
@@ -20,6 +21,7 @@ __all__ = [
     "TargetError",
     "UnsupportedOperationError",
     "attribute",
+    "attribute_dataset",
     "methods",
     "register",
 ]

@@ -23,7 +23,7 @@ def attribute(
     method: str = "integrated_gradients",
     target: TargetSpec = None,
     baseline: BaselineSpec = "zeros",
-    steps: int = 50,
+    steps: int | str = 50,
     rule: str = "gauss_legendre",
     batch_size: BatchSize = "auto",
     layer: nn.Module | None = None,
@@ -40,11 +40,30 @@ def attribute(
         batch (or maps to a different number of rows) is taken as one example ``x[None]``. The
         result of an unbatched example has N = 1 and ``params["unbatched"] = True``.
     method : a name from :func:`nbattr.methods`.
-    target : None (the argmax of each example), an int, or N ints. Ignored for ``(N,)`` outputs.
+    target : None (the argmax of each example), an int, or N ints (ignored for ``(N,)`` outputs);
+        or SEVERAL targets per example: an ``(N, K)`` int tensor / array / N lists of K ints, or
+        ``"topK"`` (e.g. ``"top5"``: each example's K highest-scoring classes, best first). The
+        result then carries a K axis after N (``attributions (N, K, ...)``, ``target``,
+        ``outputs``, ``baseline_outputs``, ``delta (N, K)``, ``path_outputs (S, N, K)``);
+        ``r.for_target(j)`` / ``r.split()`` give ordinary single-target results. saliency,
+        gradient_x_input, integrated_gradients, interior_gradients and smoothgrad run ONE
+        forward per point and K backward passes (batched with ``is_grads_batched`` on CUDA,
+        see ``engine.problem.BATCHED_BACKWARD_DEVICES``); other
+        methods run once per target (correct, not faster; ``params["targets"]`` says which).
     baseline : ``"zeros"``, a number, ``"blur"``, ``"uniform"``, ``"mean"``, a tensor broadcastable
         to x, or a callable ``x -> tensor``. With ``layer``, it applies to the layer's output.
     steps, rule : path points and quadrature rule for path methods (see ``nbattr.engine.paths``);
         ``rule`` also names a method's own rule where it has one (``deeplift``: ``"rescale"``).
+        ``integrated_gradients`` also takes ``steps="auto"`` with the options ``tol`` (default
+        1e-3) and ``max_steps`` (default 257): a nested quadrature is refined per example
+        (``rule="clenshaw_curtis"``, the default, on 5, 9, 17, 33, ... points, or
+        ``rule="adaptive_simpson"``), reusing every gradient already computed, until
+        ``|delta| <= tol * max(|F(x) - F(x')|, 0.01 * max(|F(x)|, |F(x')|))`` (the second term is
+        the floor for F(x) ~ F(x')) or ``max_steps`` gradients are used (a warning names those
+        examples). ``params["steps"]`` lists each example's gradient
+        count, ``params["delta_reached"]`` its |delta|, ``params["converged"]`` whether it met
+        the tolerance; ``alphas`` is the sorted union of the points used and ``path_outputs``
+        is NaN where an example has no point. See ``nbattr.engine.gradient.AdaptivePath``.
     batch_size : rows per model call, or ``"auto"`` (sized from memory; see ``engine.batching``).
     layer : attribute with respect to this module's output instead of the input (embedding-layer
         attribution for models taking token ids).
@@ -67,4 +86,12 @@ def attribute(
         opts.setdefault("rule", rule)  # e.g. deeplift's rule="rescale"; the quadrature default is not one
     with model_guard(model):
         problem = Problem(model, x, target=target, baseline=baseline, layer=layer, batch_size=batch_size)
-        return info.fn(problem, **opts)
+        if not problem.multi:
+            return info.fn(problem, **opts)
+        if getattr(info.fn, "multi_target", False):
+            r = info.fn(problem, **opts)
+            r.params["targets"] = f"{problem.k} per example, one forward and {problem.k} backward passes"
+            return r
+        # no native multi-target path: one run per target on a view sharing input and baselines
+        parts = [info.fn(problem.for_target(j), **opts) for j in range(problem.k)]
+        return Attribution.stack(parts, params={"targets": f"{problem.k} per example, one run per target"})

@@ -71,6 +71,7 @@ def run_chunked(
     device: torch.device | None = None,
     row_bytes: int = 0,
     stats: dict | None = None,
+    per_row: int | None = None,
 ) -> None:
     """Call ``fn(rows)`` on consecutive slices covering ``range(total)``.
 
@@ -83,6 +84,9 @@ def run_chunked(
     device : where the work runs (budget and out-of-memory handling).
     row_bytes : bytes a row needs besides what autograd saves (inputs, gradients).
     stats : if given, filled with ``chunks`` (sizes used) and ``row_bytes`` (measured).
+    per_row : bytes per row measured by an earlier call on the same kind of rows (its
+        ``stats["row_bytes"]``): with ``"auto"``, size the chunks from it without a probe chunk
+        (``steps="auto"`` runs one pass per refinement round).
     """
     if total <= 0:
         return
@@ -97,6 +101,10 @@ def run_chunked(
     sizes: list[int] = []
     start = 0
     measured = False
+    if auto and per_row:
+        cap = CPU_MAX_ROWS if device.type == "cpu" else total
+        size = max(1, min(total, cap, memory_budget(device) // per_row))
+        measured = True
     while start < total:
         n = min(size, total - start)
         rows = slice(start, start + n)

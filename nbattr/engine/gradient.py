@@ -2,23 +2,50 @@
 
 Integrated gradients, interior gradients and the score curve along the path come from one
 batched pass over (path points x examples): the widget's alpha animation depends on it.
+
+Several targets per example (a problem with ``p.multi``): every method here computes them
+natively, from ONE forward per point and K backward passes batched with
+``torch.autograd.grad(..., is_grads_batched=True)`` (see :func:`problem.score_gradient`); the
+results carry a K axis after N.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .errors import InputError
-from .paths import quadrature
+from .paths import clenshaw_curtis, quadrature
 from .problem import Problem
 from .registry import register
 
 
+def _per_target(p: Problem, t: Tensor) -> Tensor:
+    """``(N, ...)`` -> ``(N, 1, ...)`` for a multi-target problem, so that it broadcasts over K."""
+    return t.unsqueeze(1) if p.multi else t
+
+
+def _col(v: Tensor, like: Tensor) -> Tensor:
+    """A ``(M,)`` vector shaped to broadcast against ``like`` ``(M, ...)``."""
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _multi_target(fn: Callable[..., object]) -> Callable[..., object]:
+    """Mark a method as computing several targets per example natively (api.py loops otherwise)."""
+    fn.multi_target = True  # type: ignore[attr-defined]
+    return fn
+
+
+def _grad_shape(p: Problem) -> tuple[int, ...]:
+    return (p.n, p.k, *p.inputs.shape[1:]) if p.multi else tuple(p.inputs.shape)
+
+
 def _plain_gradient(p: Problem) -> Tensor:
-    grads = torch.empty_like(p.inputs)
+    grads = torch.empty(_grad_shape(p), dtype=p.inputs.dtype, device=p.device)
 
     def points(idx: Tensor) -> tuple[Tensor, Tensor]:
         return p.inputs[idx], idx
@@ -31,6 +58,7 @@ def _plain_gradient(p: Problem) -> Tensor:
 
 
 @register("saliency", "Absolute gradient of the target score (Simonyan et al. 2014); abs=False keeps the sign.")
+@_multi_target
 def saliency(p: Problem, *, abs: bool = True) -> object:  # noqa: A002 - the option's public name
     g = _plain_gradient(p)
     return p.result("saliency", g.abs() if abs else g, params={"abs": abs})
@@ -41,8 +69,9 @@ def saliency(p: Problem, *, abs: bool = True) -> object:  # noqa: A002 - the opt
     "Input-layer gradient times the input (Shrikumar et al. 2016; Ancona et al. 2018).",
     multiplies_by_inputs=True,
 )
+@_multi_target
 def gradient_x_input(p: Problem) -> object:
-    return p.result("gradient_x_input", _plain_gradient(p) * p.inputs)
+    return p.result("gradient_x_input", _plain_gradient(p) * _per_target(p, p.inputs))
 
 
 class PathPass:
@@ -56,33 +85,18 @@ class PathPass:
     def __init__(self, p: Problem, alphas: Tensor, weights: Tensor, keep: bool,
                  path: Callable[[Tensor], Tensor] | None = None) -> None:
         self.p, self.alphas, self.weights, self.keep, self.path = p, alphas, weights, keep, path
-        s, n = alphas.shape[0], p.n
-        self.integral = torch.zeros_like(p.inputs)  # sum_k w_k * grad_k (* dgamma_k for a path)
-        self.scores = torch.empty(s, n, dtype=p.outputs.dtype, device=p.device)
-        self.grads = torch.empty(s, *p.inputs.shape, dtype=p.inputs.dtype, device=p.device) if keep else None
+        s = alphas.shape[0]
+        shape = _grad_shape(p)  # (N, ...) or (N, K, ...)
+        self.integral = torch.zeros(shape, dtype=p.inputs.dtype, device=p.device)  # sum_k w_k grad_k (* dgamma_k)
+        self.scores = torch.empty(s, *p.outputs.shape, dtype=p.outputs.dtype, device=p.device)
+        self.grads = torch.empty(s, *shape, dtype=p.inputs.dtype, device=p.device) if keep else None
         self._chunk_derivative: Tensor | None = None
         if path is None:
             self.diff = p.inputs - p.baselines
 
     def _custom_points(self, k: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
         """gamma(alpha_k)[row] and d gamma / d alpha for each (k, row) of a chunk."""
-        shape = (len(k), *self.p.inputs.shape[1:])
-        val = torch.empty(shape, dtype=self.p.inputs.dtype, device=self.p.device)
-        der = torch.empty_like(val)
-        for kk in k.unique().tolist():
-            a = self.alphas[kk].clone()
-            try:
-                v, d = torch.func.jvp(self.path, (a,), (torch.ones_like(a),))
-            except Exception as e:  # noqa: BLE001
-                raise InputError(f"path(alpha) must be a differentiable torch function of alpha "
-                                 f"returning an (N, ...) tensor: {e}") from e
-            if v.shape != self.p.inputs.shape:
-                raise InputError(f"path(alpha) returned shape {tuple(v.shape)}, expected "
-                                 f"{tuple(self.p.inputs.shape)}")
-            m = k == kk
-            val[m] = v.detach().to(val.dtype)[rows[m]]
-            der[m] = d.detach().to(val.dtype)[rows[m]]
-        return val, der
+        return custom_path_points(self.p, self.path, self.alphas[k], rows)
 
     def run(self) -> None:
         p, n = self.p, self.p.n
@@ -100,12 +114,35 @@ class PathPass:
             self.scores[k, rows] = s
             if self.keep:
                 self.grads[k, rows] = g
-            w = p.expand(self.weights[k], len(idx))
+            w = _col(self.weights[k], g)
             if self.path is not None:
-                g = g * self._chunk_derivative
+                g = g * _per_target(p, self._chunk_derivative)
             self.integral.index_add_(0, rows, g * w)
 
         p.gradient_pass(self.alphas.shape[0] * n, points, consume)
+
+
+def custom_path_points(p: Problem, path: Callable[[Tensor], Tensor], alphas: Tensor,
+                       rows: Tensor) -> tuple[Tensor, Tensor]:
+    """``path(alpha)[row]`` and ``d path / d alpha`` (forward-mode) for each (alpha, row) pair."""
+    shape = (len(rows), *p.inputs.shape[1:])
+    val = torch.empty(shape, dtype=p.inputs.dtype, device=p.device)
+    der = torch.empty_like(val)
+    uniq, inv = torch.unique(alphas, return_inverse=True)
+    for u in range(len(uniq)):
+        a = uniq[u].clone()
+        try:
+            v, d = torch.func.jvp(path, (a,), (torch.ones_like(a),))
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"path(alpha) must be a differentiable torch function of alpha "
+                             f"returning an (N, ...) tensor: {e}") from e
+        if v.shape != p.inputs.shape:
+            raise InputError(f"path(alpha) returned shape {tuple(v.shape)}, expected "
+                             f"{tuple(p.inputs.shape)}")
+        m = inv == u
+        val[m] = v.detach().to(val.dtype)[rows[m]]
+        der[m] = d.detach().to(val.dtype)[rows[m]]
+    return val, der
 
 
 def _nodes(p: Problem, rule: str, steps: int) -> tuple[Tensor, Tensor]:
@@ -114,20 +151,270 @@ def _nodes(p: Problem, rule: str, steps: int) -> tuple[Tensor, Tensor]:
             torch.as_tensor(w, dtype=p.inputs.dtype, device=p.device))
 
 
+#: ``steps="auto"``: default tolerance on |delta| relative to |F(x) - F(x')|
+AUTO_TOL = 1e-3
+#: ``steps="auto"``: default most gradient evaluations per example
+AUTO_MAX_STEPS = 257
+#: ``steps="auto"``: the first grid has 2 * AUTO_FIRST_PANELS + 1 = 5 points
+AUTO_FIRST_PANELS = 2
+#: ``steps="auto"``: when F(x) ~ F(x'), |delta| may also reach tol times this fraction of max(|F(x)|, |F(x')|)
+AUTO_FLOOR = 1e-2
+#: ``steps="auto"``: the nested schemes, the default first; ``rule=`` picks one
+AUTO_RULES = ("clenshaw_curtis", "adaptive_simpson")
+
+
+class AdaptivePath:
+    """Integrated gradients with the step count chosen per example (``steps="auto"``).
+
+    Every example stops as soon as ``|delta| <= thr`` with ``thr = tol * max(|F(x) - F(x')|,
+    AUTO_FLOOR * max(|F(x)|, |F(x')|))`` (the floor keeps the goal reachable when F(x) ~ F(x')),
+    or when its next refinement would exceed ``max_steps`` gradients (a warning names it). Each
+    round, the new points of all examples that have not converged go through one chunked
+    gradient pass; every gradient already computed is reused (the rules are nested). The check
+    needs no extra model call: ``delta`` is the quadrature of the path derivative
+    f'(alpha) = grad F(gamma(alpha)) . gamma'(alpha) minus F(x) - F(x'), both known.
+
+    ``clenshaw_curtis`` (the default): the Clenshaw-Curtis rule on the n + 1 points
+    (1 - cos(pi j / n)) / 2, n = 4, 8, 16, ... (5, 9, 17, 33, 65, 129, 257 gradients); doubling n
+    keeps every old point. Positive weights, near Gauss-Legendre accuracy on smooth paths, and
+    points crowded at both ends, where an image's score usually changes fastest (near the black
+    baseline) or saturates.
+
+    ``adaptive_simpson``: composite Simpson panels [a, b] (nodes a, (a+b)/2, b), bisected where
+    needed. Each panel has an *exact* local check, since f' integrates over [a, b] to
+    F(gamma(b)) - F(gamma(a)) and every node's score comes with its gradient: a round bisects each
+    panel with |e| > thr (b - a), worst first (at least the worst one), 2 new gradients per
+    bisection. It places points where the summed integrand is hard, which can leave the
+    per-feature integrals less accurate than the sum when their errors cancel.
+
+    Why Clenshaw-Curtis is the default (``benchmarks/bench_convergence.py --sims``): on
+    EfficientNet-Lite0 it needed half the gradients of adaptive Simpson and of every fixed rule
+    for 1% (chelsea: 33 vs 65, right Riemann >= 96); on saturating analytic networks the two
+    are close (Simpson's finer granularity wins some cases), and Clenshaw-Curtis's per-feature
+    errors were far smaller (sum tanh(10 x): 1e-4 vs 8e-3 at tol 1e-3); trapezoid panels and
+    Romberg needed more.
+
+    With K targets per example all K share the nodes; an example stops when all K targets meet
+    their threshold (a Simpson panel is bisected if any target needs it). Memory: the gradient at
+    every node is kept until the end (refinement changes the weights of old nodes), about
+    ``sum(steps) x`` the size of one example, as with ``keep_path=True``.
+    """
+
+    def __init__(self, p: Problem, tol: float, max_steps: int, keep: bool,
+                 path: Callable[[Tensor], Tensor] | None, baseline_outputs: Tensor,
+                 scheme: str = AUTO_RULES[0]) -> None:
+        self.p, self.tol, self.max_steps, self.keep, self.path = p, tol, max_steps, keep, path
+        self.scheme = scheme
+        self.diff = p.inputs - p.baselines if path is None else None
+        fx = p.outputs.double().cpu().reshape(p.n, -1).numpy()  # (N, K)
+        fb = baseline_outputs.double().cpu().reshape(p.n, -1).numpy()
+        self.gap = fx - fb
+        scale = np.maximum(np.abs(self.gap), AUTO_FLOOR * np.maximum(np.abs(fx), np.abs(fb)))
+        self.thr = tol * scale  # (N, K)
+        # per example: alpha -> (round, position); alpha -> score (K,) and path derivative (K,)
+        self.where: list[dict[float, tuple[int, int]]] = [{} for _ in range(p.n)]
+        self.score: list[dict[float, np.ndarray]] = [{} for _ in range(p.n)]
+        self.fprime: list[dict[float, np.ndarray]] = [{} for _ in range(p.n)]
+        self.panels: list[list[tuple[float, float]]] = [[] for _ in range(p.n)]
+        self.rounds: list[dict[str, Tensor | None]] = []
+        self.chunks: list[int] = []
+        self.delta = np.full_like(self.gap, np.nan)
+
+    # -- one gradient pass over the new (alpha, example) pairs of a round ----------------------
+    def _evaluate(self, alphas: list[float], rows: list[int]) -> None:
+        p, r = self.p, len(self.rounds)
+        m = len(alphas)
+        a_t = torch.tensor(alphas, dtype=p.inputs.dtype, device=p.device)
+        rows_t = torch.tensor(rows, dtype=torch.long, device=p.device)
+        shape = _grad_shape(p)[1:]
+        grads = torch.empty((m, *shape), dtype=p.inputs.dtype, device=p.device)
+        ders = torch.empty((m, *p.inputs.shape[1:]), dtype=p.inputs.dtype, device=p.device) if self.path else None
+        scores = torch.empty((m, *p.outputs.shape[1:]), dtype=p.outputs.dtype, device=p.device)
+        fprime = torch.empty_like(scores, dtype=p.inputs.dtype)
+
+        def points(idx: Tensor) -> tuple[Tensor, Tensor]:
+            rr = rows_t[idx]
+            if self.path is None:
+                z = p.baselines[rr] + _col(a_t[idx], self.diff[rr]) * self.diff[rr]
+            else:
+                z, ders[idx] = custom_path_points(p, self.path, a_t[idx], rr)
+            return z, rr
+
+        def consume(idx: Tensor, rr: Tensor, sc: Tensor, g: Tensor) -> None:
+            scores[idx] = sc
+            grads[idx] = g
+            direction = self.diff[rr] if self.path is None else ders[idx]
+            fprime[idx] = (g * _per_target(p, direction)).flatten(2 if p.multi else 1).sum(-1)
+
+        p.stats.pop("chunks", None)
+        p.gradient_pass(m, points, consume, reuse_probe=True)
+        self.chunks.extend(p.stats.get("chunks", []))
+        self.rounds.append({"alphas": a_t, "keys": list(alphas), "rows": rows_t, "grads": grads, "ders": ders,
+                            "scores": scores})
+        sc_np = scores.double().cpu().reshape(m, -1).numpy()
+        fp_np = fprime.double().cpu().reshape(m, -1).numpy()
+        for j, (a, i) in enumerate(zip(alphas, rows)):
+            self.where[i][a] = (r, j)
+            self.score[i][a] = sc_np[j]
+            self.fprime[i][a] = fp_np[j]
+
+    def _panel(self, i: int, a: float, b: float) -> tuple[np.ndarray, np.ndarray]:
+        """Simpson's value of the integral of f' on [a, b] and its exact error, each (K,)."""
+        f = self.fprime[i]
+        q = (b - a) / 6.0 * (f[a] + 4.0 * f[(a + b) / 2.0] + f[b])
+        return q, q - (self.score[i][b] - self.score[i][a])
+
+    def run(self) -> None:
+        if self.scheme == "clenshaw_curtis":
+            self._run_clenshaw_curtis()
+            return
+        n0 = AUTO_FIRST_PANELS
+        grid = [k / (2 * n0) for k in range(2 * n0 + 1)]
+        active = list(range(self.p.n))
+        for i in active:
+            self.panels[i] = [(grid[2 * k], grid[2 * k + 2]) for k in range(n0)]
+        pending = {i: list(grid) for i in active}
+        self.hit_max: list[int] = []
+        while pending:
+            alphas = [a for i in sorted(pending) for a in pending[i]]
+            rows = [i for i in sorted(pending) for _ in pending[i]]
+            self._evaluate(alphas, rows)
+            nxt: dict[int, list[float]] = {}
+            for i in sorted(pending):
+                errs = [self._panel(i, a, b) for a, b in self.panels[i]]
+                self.delta[i] = sum(q for q, _ in errs) - self.gap[i]
+                if np.all(np.abs(self.delta[i]) <= self.thr[i]):
+                    continue
+                # bisect the panels whose error exceeds their share of the threshold, worst first
+                crit = [float(np.max(np.abs(e) / (self.thr[i] * (b - a) + 1e-300)))
+                        for (_, e), (a, b) in zip(errs, self.panels[i])]
+                order = sorted(range(len(crit)), key=lambda j: -crit[j])
+                chosen = [j for j in order if crit[j] > 1.0] or order[:1]
+                room = (self.max_steps - len(self.where[i])) // 2
+                chosen = chosen[:room]
+                if not chosen:
+                    self.hit_max.append(i)
+                    continue
+                new_panels, new_points = [], []
+                split = set(chosen)
+                for j, (a, b) in enumerate(self.panels[i]):
+                    if j in split:
+                        m = (a + b) / 2.0
+                        new_panels += [(a, m), (m, b)]
+                        new_points += [(a + m) / 2.0, (m + b) / 2.0]
+                    else:
+                        new_panels.append((a, b))
+                self.panels[i] = new_panels
+                nxt[i] = new_points
+            pending = nxt
+
+    def _run_clenshaw_curtis(self) -> None:
+        """Nested Clenshaw-Curtis rules on n + 1 points, n = 4, 8, 16, ...: each round adds the n
+        new points of the rule on 2n to the examples that have not converged."""
+        n0 = 2 * AUTO_FIRST_PANELS
+        self.level = [n0] * self.p.n
+        pending = {i: clenshaw_curtis(n0)[0].tolist() for i in range(self.p.n)}
+        self.hit_max = []
+        while pending:
+            alphas = [a for i in sorted(pending) for a in pending[i]]
+            rows = [i for i in sorted(pending) for _ in pending[i]]
+            self._evaluate(alphas, rows)
+            nxt: dict[int, list[float]] = {}
+            for i in sorted(pending):
+                a, w = clenshaw_curtis(self.level[i])
+                self.delta[i] = sum(wj * self.fprime[i][aj] for aj, wj in zip(a.tolist(), w.tolist())) - self.gap[i]
+                if np.all(np.abs(self.delta[i]) <= self.thr[i]):
+                    continue
+                if 2 * self.level[i] + 1 > self.max_steps:
+                    self.hit_max.append(i)
+                    continue
+                self.level[i] *= 2
+                nxt[i] = clenshaw_curtis(self.level[i])[0][1::2].tolist()
+            pending = nxt
+
+    def weights(self, i: int) -> dict[float, float]:
+        """Quadrature weight of each node of example ``i`` (they sum to 1)."""
+        if self.scheme == "clenshaw_curtis":
+            a, w = clenshaw_curtis(self.level[i])
+            return dict(zip(a.tolist(), w.tolist()))
+        w: dict[float, float] = {}
+        for a, b in self.panels[i]:
+            h = (b - a) / 6.0
+            for node, c in ((a, h), ((a + b) / 2.0, 4.0 * h), (b, h)):
+                w[node] = w.get(node, 0.0) + c
+        return w
+
+    def finish(self) -> tuple[Tensor, dict]:
+        """The attributions and the result's path fields (alphas, path_outputs, path_gradients)."""
+        p = self.p
+        integral = torch.zeros(_grad_shape(p), dtype=p.inputs.dtype, device=p.device)
+        wr = [torch.zeros(len(rd["alphas"]), dtype=torch.float64) for rd in self.rounds]
+        for i in range(p.n):
+            for node, w in self.weights(i).items():
+                r, j = self.where[i][node]
+                wr[r][j] = w
+        for rd, w in zip(self.rounds, wr):
+            g = rd["grads"]
+            if self.path is not None:
+                g = g * _per_target(p, rd["ders"])
+            integral.index_add_(0, rd["rows"], g * _col(w.to(g.dtype).to(p.device), g))
+        attributions = integral * _per_target(p, self.diff) if self.path is None else integral
+        # the path data: the sorted union of the points used; NaN where an example has no point
+        union = sorted({a for wh in self.where for a in wh})
+        pos = {a: k for k, a in enumerate(union)}
+        alphas = torch.tensor(union, dtype=p.inputs.dtype, device=p.device)
+        path_outputs = torch.full((len(union), *p.outputs.shape), float("nan"), dtype=p.outputs.dtype,
+                                  device=p.device)
+        path_gradients = (torch.full((len(union), *_grad_shape(p)), float("nan"), dtype=p.inputs.dtype,
+                                     device=p.device) if self.keep else None)
+        for rd in self.rounds:
+            k = torch.tensor([pos[a] for a in rd["keys"]], dtype=torch.long, device=p.device)
+            path_outputs[k, rd["rows"]] = rd["scores"]
+            if path_gradients is not None:
+                path_gradients[k, rd["rows"]] = rd["grads"]
+        fields = {"alphas": alphas, "path_outputs": path_outputs, "path_gradients": path_gradients}
+        return attributions, fields
+
+
+def _check_auto_options(steps: int | str, tol: float | None, max_steps: int | None) -> tuple[float, int]:
+    if steps != "auto":
+        if tol is not None or max_steps is not None:
+            raise InputError("tol and max_steps apply to steps='auto' only; with a fixed number of steps "
+                             f"(steps={steps!r}) leave them out")
+        return AUTO_TOL, AUTO_MAX_STEPS
+    tol = AUTO_TOL if tol is None else tol
+    max_steps = AUTO_MAX_STEPS if max_steps is None else max_steps
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1:
+        raise InputError(f"tol must be a number in (0, 1) (|delta| relative to |F(x) - F(x')|), got {tol!r}")
+    first = 2 * AUTO_FIRST_PANELS + 1
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < first:
+        raise InputError(f"max_steps must be an int >= {first} (the first grid of steps='auto'), got {max_steps!r}")
+    return float(tol), int(max_steps)
+
+
 @register(
     "integrated_gradients",
     "(x - x') times the path integral of the gradient along x' + a(x - x') (Sundararajan et al. 2017).",
     completeness=True, needs_baseline=True, multiplies_by_inputs=True, path=True,
 )
-def integrated_gradients(p: Problem, *, steps: int = 50, rule: str = "gauss_legendre",
-                         keep_path: bool = False, path: Callable[[Tensor], Tensor] | None = None) -> object:
-    alphas, weights = _nodes(p, rule, steps)
-    pp = PathPass(p, alphas, weights, keep=keep_path, path=path)
+@_multi_target
+def integrated_gradients(p: Problem, *, steps: int | str = 50, rule: str = "gauss_legendre",
+                         keep_path: bool = False, path: Callable[[Tensor], Tensor] | None = None,
+                         tol: float | None = None, max_steps: int | None = None) -> object:
+    """Integrated gradients with a fixed quadrature (``steps``, ``rule``) or ``steps="auto"``.
+
+    ``steps="auto"`` refines a nested rule per example (``rule``: one of :data:`AUTO_RULES`) until
+    |delta| <= tol * |F(x) - F(x')| (``tol`` default :data:`AUTO_TOL`) or ``max_steps`` gradients
+    (default :data:`AUTO_MAX_STEPS`) are spent; see :class:`AdaptivePath`. The default rule name
+    (``gauss_legendre``) then means the default scheme; another fixed rule is an error.
+    ``params["steps"]`` lists the gradients each example used, ``params["converged"]``
+    whether it met the tolerance; ``alphas`` is the sorted union of the points of all examples
+    and ``path_outputs`` (``path_gradients``) hold NaN where an example has no point.
+    """
+    auto = steps == "auto"
+    tol_, max_steps_ = _check_auto_options(steps, tol, max_steps)
     extra = {}
-    if path is None:
-        pp.run()
-        attributions = pp.diff * pp.integral
-    else:
+    if path is not None:
         g0 = path(torch.tensor(0.0, dtype=p.inputs.dtype, device=p.device)).detach()
         g1 = path(torch.tensor(1.0, dtype=p.inputs.dtype, device=p.device)).detach()
         if not torch.allclose(g1, p.inputs, rtol=1e-4, atol=1e-6):
@@ -136,11 +423,41 @@ def integrated_gradients(p: Problem, *, steps: int = 50, rule: str = "gauss_lege
         with torch.no_grad():
             extra["baseline_outputs"] = p.forward(g0, rows)
         extra["baselines"] = g0
-        pp.run()
-        attributions = pp.integral
+    path_name = "custom" if path is not None else "straight"
+    if auto:
+        if rule in AUTO_RULES:
+            scheme = rule
+        elif rule == "gauss_legendre":  # the default rule of attribute(): take the default scheme
+            scheme = AUTO_RULES[0]
+        else:
+            raise InputError(f"steps='auto' refines one of the nested schemes {AUTO_RULES}; rule={rule!r} is "
+                             "a fixed rule: give steps=<int> with it, or leave rule out")
+        ad = AdaptivePath(p, tol_, max_steps_, keep_path, path,
+                          extra.get("baseline_outputs", p.baseline_outputs if path is None else None), scheme)
+        ad.run()
+        attributions, fields = ad.finish()
+        p.stats["chunks"] = ad.chunks
+        params = {"steps": [len(w) for w in ad.where], "rule": scheme, "path": path_name, "tol": tol_,
+                  "max_steps": max_steps_, "converged": [i not in ad.hit_max for i in range(p.n)],
+                  "rounds": len(ad.rounds)}
+        r = p.result("integrated_gradients", attributions, completeness=True, uses_baseline=True,
+                     params=params, **fields, **extra)
+        reached = r.delta.abs().reshape(p.n, -1).amax(1).tolist()
+        r.params["delta_reached"] = reached
+        if ad.hit_max:
+            warnings.warn(
+                f"integrated_gradients(steps='auto'): example(s) {sorted(ad.hit_max)} reached max_steps="
+                f"{max_steps_} with |delta| above tol={tol_:g} x |F(x) - F(x')| (|delta| = "
+                f"{', '.join(f'{reached[i]:.3g}' for i in sorted(ad.hit_max))}); raise max_steps or tol",
+                stacklevel=4)
+        return r
+    alphas, weights = _nodes(p, rule, steps)
+    pp = PathPass(p, alphas, weights, keep=keep_path, path=path)
+    pp.run()
+    attributions = _per_target(p, pp.diff) * pp.integral if path is None else pp.integral
     return p.result(
         "integrated_gradients", attributions, completeness=True, uses_baseline=True,
-        params={"steps": int(steps), "rule": rule, "path": "custom" if path is not None else "straight"},
+        params={"steps": int(steps), "rule": rule, "path": path_name},
         alphas=alphas, path_outputs=pp.scores, path_gradients=pp.grads, **extra,
     )
 
@@ -151,10 +468,14 @@ def integrated_gradients(p: Problem, *, steps: int = 50, rule: str = "gauss_lege
     "shows saturation.",
     needs_baseline=True, path=True,
 )
+@_multi_target
 def interior_gradients(p: Problem, *, steps: int = 50, rule: str = "gauss_legendre", alpha: float = 1.0,
                        multiply_by_inputs: bool = True) -> object:
     """Path gradients at every node of ``rule`` plus ``alpha``; ``attributions`` is the interior
     gradient at ``alpha`` (times x - x' unless ``multiply_by_inputs=False``)."""
+    if steps == "auto":
+        raise InputError("steps='auto' is for integrated_gradients (it refines until the completeness "
+                         "error is small); give interior_gradients a number of steps")
     if not 0.0 <= float(alpha) <= 1.0:
         raise InputError(f"alpha must lie in [0, 1], got {alpha}")
     alphas, weights = _nodes(p, rule, steps)
@@ -168,7 +489,7 @@ def interior_gradients(p: Problem, *, steps: int = 50, rule: str = "gauss_legend
     k = int(hit.nonzero()[0, 0])
     pp = PathPass(p, alphas, weights, keep=True)
     pp.run()
-    attributions = pp.grads[k] * pp.diff if multiply_by_inputs else pp.grads[k].clone()
+    attributions = pp.grads[k] * _per_target(p, pp.diff) if multiply_by_inputs else pp.grads[k].clone()
     return p.result(
         "interior_gradients", attributions, uses_baseline=True,
         params={"steps": int(steps), "rule": rule, "alpha": float(alphas[k]),
@@ -184,6 +505,7 @@ SMOOTHGRAD_VARIANTS = ("smoothgrad", "smoothgrad_sq", "vargrad")
     "smoothgrad",
     "Gradients averaged over noisy copies of x (Smilkov et al. 2017); variants smoothgrad_sq, vargrad.",
 )
+@_multi_target
 def smoothgrad(p: Problem, *, samples: int = 50, noise_level: float = 0.15, variant: str = "smoothgrad",
                multiply_by_inputs: bool = False, seed: int = 0) -> object:
     """``noise_level`` is the noise's standard deviation as a fraction of each example's range."""
@@ -196,8 +518,8 @@ def smoothgrad(p: Problem, *, samples: int = 50, noise_level: float = 0.15, vari
     n, x = p.n, p.inputs
     flat = x.flatten(1)
     sigma = noise_level * (flat.max(1).values - flat.min(1).values)
-    total1 = torch.zeros_like(x)
-    total2 = torch.zeros_like(x)
+    total1 = torch.zeros(_grad_shape(p), dtype=x.dtype, device=p.device)
+    total2 = torch.zeros_like(total1)
 
     def noise(k: int) -> Tensor:
         # Noise of sample k for all examples: the same whatever the chunking.
@@ -220,7 +542,7 @@ def smoothgrad(p: Problem, *, samples: int = 50, noise_level: float = 0.15, vari
     mean1, mean2 = total1 / samples, total2 / samples
     out = {"smoothgrad": mean1, "smoothgrad_sq": mean2, "vargrad": (mean2 - mean1 * mean1).clamp_min(0)}[variant]
     if multiply_by_inputs:
-        out = out * x
+        out = out * _per_target(p, x)
     return p.result("smoothgrad", out, params={"samples": samples, "noise_level": noise_level,
                                                "variant": variant, "seed": seed,
                                                "multiply_by_inputs": multiply_by_inputs})

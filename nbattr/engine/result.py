@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -31,6 +31,15 @@ class Attribution:
         (interior gradients); kept for interior_gradients and for IG with ``keep_path=True``.
     unsupported : operation name -> number of calls that had no rule and were differentiated
         plainly (rule-based methods only; empty means every operation had a rule).
+
+    Several targets per example
+    ---------------------------
+    When :func:`nbattr.attribute` is given K targets per example (an ``(N, K)`` target or
+    ``"topK"``), every per-example tensor carries a K axis right after N: ``attributions``
+    ``(N, K, ...)``, ``target``, ``outputs``, ``baseline_outputs`` and ``delta`` ``(N, K)``,
+    ``path_outputs`` ``(S, N, K)``, ``path_gradients`` ``(S, N, K, ...)``; ``inputs``,
+    ``baselines`` and ``alphas`` have no K axis (they do not depend on the target). ``multi`` is
+    then True. :meth:`for_target` and :meth:`split` return ordinary single-target results.
     """
 
     attributions: Tensor
@@ -51,9 +60,80 @@ class Attribution:
     def shape(self) -> torch.Size:
         return self.attributions.shape
 
+    @property
+    def multi(self) -> bool:
+        """Whether this result holds K targets per example (a K axis after N)."""
+        return self.target.dim() == 2
+
     def total(self) -> Tensor:
-        """``(N,)`` sum of the attributions of each example."""
-        return self.attributions.flatten(1).sum(1)
+        """``(N,)`` sum of the attributions of each example (``(N, K)`` with several targets)."""
+        return self.attributions.flatten(2 if self.multi else 1).sum(-1)
+
+    def for_target(self, j: int) -> Attribution:
+        """The single-target result of the j-th target of each example (``target[:, j]``).
+
+        Equal to what :func:`nbattr.attribute` returns for that one target, without the K axis.
+        """
+        if not self.multi:
+            raise ValueError("for_target needs a result with several targets per example (target (N, K))")
+        k = self.target.shape[1]
+        if not -k <= j < k:
+            raise IndexError(f"target index {j} is out of range for K = {k} targets per example")
+
+        def pick(t: Tensor | None, dim: int) -> Tensor | None:
+            return None if t is None else t.select(dim, j)
+
+        return replace(
+            self,
+            attributions=self.attributions[:, j],
+            target=self.target[:, j],
+            outputs=self.outputs[:, j],
+            baseline_outputs=pick(self.baseline_outputs, 1),
+            delta=pick(self.delta, 1),
+            path_outputs=pick(self.path_outputs, 2),
+            path_gradients=pick(self.path_gradients, 2),
+            params={k_: v for k_, v in self.params.items() if k_ != "targets"},
+            unsupported=dict(self.unsupported),
+        )
+
+    def split(self) -> list[Attribution]:
+        """``[for_target(0), ..., for_target(K - 1)]``."""
+        if not self.multi:
+            raise ValueError("split needs a result with several targets per example (target (N, K))")
+        return [self.for_target(j) for j in range(self.target.shape[1])]
+
+    @staticmethod
+    def stack(parts: list[Attribution], params: dict[str, Any] | None = None) -> Attribution:
+        """Join K single-target results of the same examples into one with a K axis after N.
+
+        ``unsupported`` counts are summed; ``params`` are the first part's, updated by ``params``.
+        """
+        if not parts or any(r.multi for r in parts):
+            raise ValueError("stack needs one or more single-target results")
+        first = parts[0]
+
+        def join(name: str, dim: int) -> Tensor | None:
+            vals = [getattr(r, name) for r in parts]
+            if any(v is None for v in vals):
+                return None
+            return torch.stack(vals, dim)
+
+        unsupported: dict[str, int] = {}
+        for r in parts:
+            for op, n in r.unsupported.items():
+                unsupported[op] = unsupported.get(op, 0) + n
+        return replace(
+            first,
+            attributions=join("attributions", 1),
+            target=join("target", 1),
+            outputs=join("outputs", 1),
+            baseline_outputs=join("baseline_outputs", 1),
+            delta=join("delta", 1),
+            path_outputs=join("path_outputs", 2),
+            path_gradients=join("path_gradients", 2),
+            params={**first.params, **(params or {})},
+            unsupported=unsupported,
+        )
 
     def to(self, device: str | torch.device) -> Attribution:
         """A copy with every tensor moved to ``device``."""
@@ -72,6 +152,18 @@ class Attribution:
             f"Attribution(method={self.method!r}, shape={tuple(self.attributions.shape)}, "
             f"dtype={self.attributions.dtype}, device={self.attributions.device})"
         ]
+        if self.multi:
+            lines[0] = lines[0][:-1] + f", {self.target.shape[1]} targets per example)"
+            tot = self.total()
+            for i in range(min(n, 8)):
+                lines.append(f"  [{i}] target={self.target[i].tolist()} "
+                             f"F(x)={[float(f'{v:.6g}') for v in self.outputs[i].tolist()]} "
+                             f"sum={[float(f'{v:.6g}') for v in tot[i].tolist()]}")
+                if self.delta is not None:
+                    lines[-1] += f" delta={[float(f'{v:.3g}') for v in self.delta[i].tolist()]}"
+            if n > 8:
+                lines.append(f"  ... {n - 8} more")
+            return "\n".join(lines)
         for i in range(min(n, 8)):
             row = f"  [{i}] target={int(self.target[i])} F(x)={float(self.outputs[i]):.6g}"
             if self.baseline_outputs is not None:

