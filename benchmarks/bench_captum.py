@@ -5,7 +5,9 @@ faster), and the peak memory of one call of each side: on CUDA ``torch.cuda.max_
 above what was allocated before the call; on CPU the rise of the process's resident set size
 (``/proc/self/statm``) sampled every millisecond by a thread during the call (tracemalloc does not
 see torch's allocations; ``getrusage`` maxrss is a lifetime high-water mark, blind to a call that
-stays under an earlier peak). A script, not a test: timings depend on the machine.
+stays under an earlier peak). The CPU figure is a lower bound: memory an earlier call freed and
+the allocator kept is reused without a rise (small calls then read 0.0). A script, not a test:
+timings depend on the machine.
 
     python benchmarks/bench_captum.py [--device cuda] [--repeats 5] [--quick]
 """

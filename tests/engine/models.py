@@ -46,3 +46,8 @@ class CallCounter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls.append(x.shape[0])
         return self.model(x)
+
+
+def mode_stack_empty() -> bool:
+    """No TorchFunctionMode is left active (the rule-based methods push one while they run)."""
+    return len(torch.overrides._get_current_function_mode_stack()) == 0

@@ -14,7 +14,7 @@ from nbattr.engine.paths import clenshaw_curtis
 
 from .models import CallCounter, mlp
 
-torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 class TanhSum(nn.Module):

@@ -19,20 +19,15 @@ from torch import nn
 import nbattr
 from nbattr.engine import rules
 
+from .models import mode_stack_empty
+
 SEEDS = [0, 1, 2]
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(DT)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
-def _mode_stack_empty() -> bool:
-    return len(torch.overrides._get_current_function_mode_stack()) == 0
 
 
 def deeplift(model, x, baseline, **kw):
@@ -51,7 +46,7 @@ def assert_conserves(r, rel=1e-6):
     scale = (r.outputs - r.baseline_outputs).abs().clamp(min=1.0)
     assert (r.delta.abs() / scale).max() < rel, (r.delta, r.outputs - r.baseline_outputs)
     assert r.unsupported == {}
-    assert _mode_stack_empty()
+    assert mode_stack_empty()
 
 
 # -- closed forms -------------------------------------------------------------------------------
@@ -478,7 +473,7 @@ def test_fused_ops_are_reported():
     for method in ("deeplift", "epsilon_lrp"):
         with pytest.raises(nbattr.UnsupportedOperationError, match="_transformer_encoder_layer_fwd"):
             nbattr.attribute(model, x, method=method, strict=True)
-    assert _mode_stack_empty()
+    assert mode_stack_empty()
 
 
 def test_changing_condition_is_reported():
@@ -636,7 +631,7 @@ class FailsAfter(nn.Module):
 def test_no_mode_left_after_an_exception(method, fail_on):
     with pytest.raises(RuntimeError, match="boom"):
         nbattr.attribute(FailsAfter(fail_on), torch.randn(3, 6), method=method)
-    assert _mode_stack_empty()
+    assert mode_stack_empty()
 
 
 def test_control_flow_mismatch_in_composites_raises():
@@ -648,7 +643,7 @@ def test_control_flow_mismatch_in_composites_raises():
 
     with pytest.raises(nbattr.InputError, match="control flow differs"):
         nbattr.attribute(model, torch.rand(2, 4) + 0.1, method="deeplift", baseline=-1.0)
-    assert _mode_stack_empty()
+    assert mode_stack_empty()
 
 
 # -- the pretrained EfficientNet-Lite0 (float32) ----------------------------------------------------

@@ -12,7 +12,7 @@ from nbattr.engine.result import Attribution
 
 from .models import CallCounter, cnn, mlp
 
-torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.usefixtures("float64")
 
 NATIVE = ("saliency", "gradient_x_input", "integrated_gradients", "interior_gradients", "smoothgrad")
 LOOPED = ("deeplift", "epsilon_lrp", "occlusion", "shapley_sampling")

@@ -17,12 +17,7 @@ DT = torch.float64
 SEEDS = [0, 1, 2]
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(DT)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def rc(model, x, baseline="zeros", target=None, **kw):

@@ -12,6 +12,8 @@ from torch import nn
 import nbattr
 from nbattr.engine import rules
 
+from .models import mode_stack_empty
+
 captum_attr = pytest.importorskip("captum.attr")
 EpsilonRule = pytest.importorskip("captum.attr._utils.lrp_rules").EpsilonRule
 
@@ -19,16 +21,9 @@ SEEDS = [0, 1, 2]
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(DT)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
-def _mode_stack_empty() -> bool:
-    return len(torch.overrides._get_current_function_mode_stack()) == 0
 
 
 def _no_warnings(fn, *args, **kwargs):
@@ -217,7 +212,7 @@ def test_mlp_conserves(act, seed):
     assert r.unsupported == {}
     assert torch.allclose(r.baseline_outputs, model(b).gather(1, r.target[:, None]).squeeze(1).detach())
     assert torch.allclose(r.outputs, model(x).gather(1, r.target[:, None]).squeeze(1).detach())
-    assert _mode_stack_empty()
+    assert mode_stack_empty()
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -308,7 +303,7 @@ def test_inplace_keeps_identity_inside_the_mode():
             out = call(t)
         assert out is t
         assert torch.allclose(t, expected)
-    assert _mode_stack_empty()
+    assert mode_stack_empty()
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -466,7 +461,7 @@ def test_strict_raises(method):
         nbattr.attribute(WithoutRule(), torch.randn(2, 2, 8, 8), method=method, strict=True)
     with pytest.raises(nbattr.UnsupportedOperationError, match="einsum"):
         nbattr.attribute(ThreeFactors(), torch.randn(2, 4), method=method, strict=True)
-    assert _mode_stack_empty()
+    assert mode_stack_empty()
     # strict passes when every operation has a rule
     r = _no_warnings(nbattr.attribute, mlp(nn.GELU), torch.randn(2, 6), method=method, strict=True)
     assert r.unsupported == {}
@@ -544,7 +539,7 @@ def test_no_mode_left_after_an_exception(method, fail_on):
     model = Flaky(fail_on)
     with pytest.raises(RuntimeError, match="boom"):
         nbattr.attribute(model, torch.randn(3, 6), method=method)
-    assert _mode_stack_empty()
+    assert mode_stack_empty()
     assert _plain_forward_is_normal()
     assert model(torch.randn(2, 6)).shape == (2, 3)
 
@@ -552,7 +547,7 @@ def test_no_mode_left_after_an_exception(method, fail_on):
 def test_no_mode_left_after_success():
     model = Functional()
     r = deeplift(model, torch.randn(3, 6), "zeros")
-    assert _mode_stack_empty()
+    assert mode_stack_empty()
     assert _plain_forward_is_normal()
     x = torch.randn(3, 6)
     assert torch.equal(model(x), model(x))
@@ -575,7 +570,7 @@ def test_control_flow_mismatch_raises():
     x = torch.rand(2, 4) + 0.1
     with pytest.raises(nbattr.InputError, match="control flow differs"):
         deeplift(Branching(), x, "zeros")
-    assert _mode_stack_empty()
+    assert mode_stack_empty()
     # same branch at input and reference: fine
     r = deeplift(Branching(), x, 0.05)
     assert r.delta.abs().max() < 1e-5
