@@ -41,8 +41,10 @@ test: $(STAMP) js chromium
 # JupyterLab on the quickstart; pass e.g. JUPYTER_ARGS="--no-browser --port 8899" on a headless machine
 QUICKSTART := notebooks/01_quickstart_images.ipynb
 JUPYTER_ARGS ?=
+# containers and CI machines often run as root, which Jupyter refuses without --allow-root
+ROOT_ARG := $(if $(filter 0,$(shell id -u)),--allow-root)
 demo: $(STAMP) js
-	$(VENV)/bin/jupyter lab $(JUPYTER_ARGS) $(QUICKSTART)
+	$(VENV)/bin/jupyter lab $(ROOT_ARG) $(JUPYTER_ARGS) $(QUICKSTART)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_captum.py

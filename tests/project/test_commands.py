@@ -65,3 +65,43 @@ def test_tutorial_states_what_it_teaches_and_keeps_its_outputs(name):
     src = "\n".join("".join(c["source"]) for c in code)
     assert not re.search(r"https?://", src), f"{name} reaches for the network"
     assert path.stat().st_size < 3_000_000, f"{name} is over 3 MB; keep figures small"
+
+
+@pytest.mark.slow
+def test_make_demo_serves_the_quickstart(tmp_path):
+    """The README's first command, as written, on a free port without a browser: JupyterLab starts
+    and serves the quickstart notebook."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    if not (ROOT / ".venv/bin/jupyter").exists():
+        pytest.skip("make demo needs the .venv that make test creates")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = f"--no-browser --port {port} --ServerApp.token=nbattr-test --ServerApp.ip=127.0.0.1"
+    log = open(tmp_path / "demo.log", "w")
+    proc = subprocess.Popen(["make", "-s", "demo", f"JUPYTER_ARGS={args}"], cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api/contents/{TUTORIALS[0]}?token=nbattr-test&content=0"
+    try:
+        end = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    info = json.load(r)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > end:
+                    pytest.fail("make demo did not serve the quickstart:\n"
+                                + (tmp_path / "demo.log").read_text()[-3000:])
+                time.sleep(1)
+        assert info["type"] == "notebook" and info["name"] == TUTORIALS[0]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+        log.close()
