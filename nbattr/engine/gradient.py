@@ -273,7 +273,11 @@ class AdaptivePath:
         active = list(range(self.p.n))
         for i in active:
             self.panels[i] = [(grid[2 * k], grid[2 * k + 2]) for k in range(n0)]
-        pending = {i: list(grid) for i in active}
+        self._refine({i: list(grid) for i in active}, self._bisect)
+
+    def _refine(self, pending: dict[int, list[float]], step: Callable[[int], list[float] | None]) -> None:
+        """Evaluate the ``pending`` nodes of each example, then ask ``step(i)`` for example ``i``'s
+        next nodes (None: converged or at ``max_steps``, which ``step`` records); until none are left."""
         self.hit_max: list[int] = []
         while pending:
             alphas = [a for i in sorted(pending) for a in pending[i]]
@@ -281,56 +285,58 @@ class AdaptivePath:
             self._evaluate(alphas, rows)
             nxt: dict[int, list[float]] = {}
             for i in sorted(pending):
-                errs = [self._panel(i, a, b) for a, b in self.panels[i]]
-                self.delta[i] = sum(q for q, _ in errs) - self.gap[i]
-                if np.all(np.abs(self.delta[i]) <= self.thr[i]):
-                    continue
-                # bisect the panels whose error exceeds their share of the threshold, worst first
-                crit = [float(np.max(np.abs(e) / (self.thr[i] * (b - a) + 1e-300)))
-                        for (_, e), (a, b) in zip(errs, self.panels[i])]
-                order = sorted(range(len(crit)), key=lambda j: -crit[j])
-                chosen = [j for j in order if crit[j] > 1.0] or order[:1]
-                room = (self.max_steps - len(self.where[i])) // 2
-                chosen = chosen[:room]
-                if not chosen:
-                    self.hit_max.append(i)
-                    continue
-                new_panels, new_points = [], []
-                split = set(chosen)
-                for j, (a, b) in enumerate(self.panels[i]):
-                    if j in split:
-                        m = (a + b) / 2.0
-                        new_panels += [(a, m), (m, b)]
-                        new_points += [(a + m) / 2.0, (m + b) / 2.0]
-                    else:
-                        new_panels.append((a, b))
-                self.panels[i] = new_panels
-                nxt[i] = new_points
+                new = step(i)
+                if new is not None:
+                    nxt[i] = new
             pending = nxt
+
+    def _bisect(self, i: int) -> list[float] | None:
+        """Simpson's step for :meth:`_refine`: bisect the panels of example ``i`` whose error
+        exceeds their share of the threshold, worst first; the new nodes."""
+        errs = [self._panel(i, a, b) for a, b in self.panels[i]]
+        self.delta[i] = sum(q for q, _ in errs) - self.gap[i]
+        if np.all(np.abs(self.delta[i]) <= self.thr[i]):
+            return None
+        crit = [float(np.max(np.abs(e) / (self.thr[i] * (b - a) + 1e-300)))
+                for (_, e), (a, b) in zip(errs, self.panels[i])]
+        order = sorted(range(len(crit)), key=lambda j: -crit[j])
+        chosen = [j for j in order if crit[j] > 1.0] or order[:1]
+        room = (self.max_steps - len(self.where[i])) // 2
+        chosen = chosen[:room]
+        if not chosen:
+            self.hit_max.append(i)
+            return None
+        new_panels, new_points = [], []
+        split = set(chosen)
+        for j, (a, b) in enumerate(self.panels[i]):
+            if j in split:
+                m = (a + b) / 2.0
+                new_panels += [(a, m), (m, b)]
+                new_points += [(a + m) / 2.0, (m + b) / 2.0]
+            else:
+                new_panels.append((a, b))
+        self.panels[i] = new_panels
+        return new_points
 
     def _run_clenshaw_curtis(self) -> None:
         """Nested Clenshaw-Curtis rules on n + 1 points, n = 4, 8, 16, ...: each round adds the n
         new points of the rule on 2n to the examples that have not converged."""
         n0 = 2 * AUTO_FIRST_PANELS
         self.level = [n0] * self.p.n
-        pending = {i: clenshaw_curtis(n0)[0].tolist() for i in range(self.p.n)}
-        self.hit_max = []
-        while pending:
-            alphas = [a for i in sorted(pending) for a in pending[i]]
-            rows = [i for i in sorted(pending) for _ in pending[i]]
-            self._evaluate(alphas, rows)
-            nxt: dict[int, list[float]] = {}
-            for i in sorted(pending):
-                a, w = clenshaw_curtis(self.level[i])
-                self.delta[i] = sum(wj * self.fprime[i][aj] for aj, wj in zip(a.tolist(), w.tolist())) - self.gap[i]
-                if np.all(np.abs(self.delta[i]) <= self.thr[i]):
-                    continue
-                if 2 * self.level[i] + 1 > self.max_steps:
-                    self.hit_max.append(i)
-                    continue
-                self.level[i] *= 2
-                nxt[i] = clenshaw_curtis(self.level[i])[0][1::2].tolist()
-            pending = nxt
+        self._refine({i: clenshaw_curtis(n0)[0].tolist() for i in range(self.p.n)}, self._double)
+
+    def _double(self, i: int) -> list[float] | None:
+        """Clenshaw-Curtis step for :meth:`_refine`: example ``i``'s rule from n + 1 to 2n + 1 points;
+        the n new nodes."""
+        a, w = clenshaw_curtis(self.level[i])
+        self.delta[i] = sum(wj * self.fprime[i][aj] for aj, wj in zip(a.tolist(), w.tolist())) - self.gap[i]
+        if np.all(np.abs(self.delta[i]) <= self.thr[i]):
+            return None
+        if 2 * self.level[i] + 1 > self.max_steps:
+            self.hit_max.append(i)
+            return None
+        self.level[i] *= 2
+        return clenshaw_curtis(self.level[i])[0][1::2].tolist()
 
     def weights(self, i: int) -> dict[float, float]:
         """Quadrature weight of each node of example ``i`` (they sum to 1)."""

@@ -473,20 +473,7 @@ class _RevealCancelReplay(_Replay):
             if split is None:
                 self.fallback[op.name] = self.fallback.get(op.name, 0) + 1
             return super()._apply_rule(func, op, args, kwargs, leaves, spec, i, entry)
-
-        def call_with(v: Tensor) -> Any:
-            new = list(leaves)
-            new[i] = v
-            a, k = tree_unflatten(new, spec)
-            return func(*a, **k)
-
-        t0 = t.detach()
-        version = t._version
-        with torch.no_grad():
-            y = call_with(t0.clone() if inplace else t0)
-        if t._version != version:
-            raise RuntimeError(f"{self.method}: {op.name} wrote into its input although it was not "
-                               "recognised as in-place; please report this model")
+        call_with, t0, y = self._value_without_graph(func, op, leaves, spec, i, inplace)
         t_ref, y_ref = entry.leaves[i], entry.output
         if (not isinstance(y, Tensor) or not y.is_floating_point() or t_ref is None or y_ref is None
                 or y_ref.shape != y.shape):

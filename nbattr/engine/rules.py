@@ -563,26 +563,26 @@ def _normalise(d: Tensor, dims: tuple[int, ...], eps: float, mode: Any, center: 
     return d * r
 
 
+def _affine(y: Tensor, w: Tensor | None, b: Tensor | None, shape: tuple[int, ...] | None = None) -> Tensor:
+    """``y * w + b`` of a normalisation (either may be None), ``w`` and ``b`` reshaped to ``shape``
+    when it is given."""
+    if w is not None:
+        y = y * (w if shape is None else w.reshape(shape))
+    if b is not None:
+        y = y + (b if shape is None else b.reshape(shape))
+    return y
+
+
 def _run_layer_norm(p: tuple, _shared: Any, mode: Any, center: bool = True) -> Tensor:
     t, shape, w, b, eps = p
-    y = _normalise(t, tuple(range(-len(shape), 0)), eps, mode, center)
-    if w is not None:
-        y = y * w
-    if b is not None:
-        y = y + b
-    return y
+    return _affine(_normalise(t, tuple(range(-len(shape), 0)), eps, mode, center), w, b)
 
 
 def _run_group_norm(p: tuple, _shared: Any, mode: Any) -> Tensor:
     t, groups, w, b, eps = p
     n, c = t.shape[0], t.shape[1]
     y = _normalise(t.reshape(n, groups, -1), (-1,), eps, mode, True).reshape(t.shape)
-    shape = (1, c) + (1,) * (t.dim() - 2)
-    if w is not None:
-        y = y * w.reshape(shape)
-    if b is not None:
-        y = y + b.reshape(shape)
-    return y
+    return _affine(y, w, b, (1, c) + (1,) * (t.dim() - 2))
 
 
 def _parse_instance_norm(func: Any, args: tuple, kwargs: dict) -> tuple:
@@ -604,11 +604,7 @@ def _run_instance_norm(p: tuple, _shared: Any, mode: Any) -> Tensor:
         y = _normalise(t, tuple(range(2, t.dim())), eps, mode, True)
     else:
         y = (t - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + eps)
-    if w is not None:
-        y = y * w.reshape(shape)
-    if b is not None:
-        y = y + b.reshape(shape)
-    return y
+    return _affine(y, w, b, shape)
 
 
 def _parse_var(func: Any, args: tuple, kwargs: dict) -> tuple:
@@ -1264,15 +1260,12 @@ class _Replay(TorchFunctionMode):
             return a
         return out
 
-    def _apply_rule(self, func: Any, op: _Op, args: tuple, kwargs: dict, leaves: list[Any], spec: Any,
-                    i: int, entry: _TapeEntry | None) -> Any:
+    def _value_without_graph(self, func: Any, op: _Op, leaves: list[Any], spec: Any, i: int,
+                             inplace: bool) -> tuple[Callable[[Tensor], Any], Tensor, Any]:
+        """For a rule on the ``i``-th leaf ``t``: the call as a function of that leaf (``call_with``),
+        ``t0 = t.detach()`` and the call's value at ``t0`` without a graph (on a copy if ``inplace``).
+        Raises if the call wrote into ``t`` although it was not recognised as in-place."""
         t: Tensor = leaves[i]
-        inplace = _writes_input(func, op, args, kwargs)
-        if inplace and not _is_first_argument(t, args, kwargs):
-            # ``c /= t``: the call writes into a constant; no rule (plain gradient, reported).
-            out = func(*args, **kwargs)
-            self.unsupported[op.name] = self.unsupported.get(op.name, 0) + 1
-            return out
 
         def call_with(v: Tensor) -> Any:
             new = list(leaves)
@@ -1287,6 +1280,18 @@ class _Replay(TorchFunctionMode):
         if t._version != version:
             raise RuntimeError(f"{self.method}: {op.name} wrote into its input although it was not "
                                "recognised as in-place; please report this model")
+        return call_with, t0, y
+
+    def _apply_rule(self, func: Any, op: _Op, args: tuple, kwargs: dict, leaves: list[Any], spec: Any,
+                    i: int, entry: _TapeEntry | None) -> Any:
+        t: Tensor = leaves[i]
+        inplace = _writes_input(func, op, args, kwargs)
+        if inplace and not _is_first_argument(t, args, kwargs):
+            # ``c /= t``: the call writes into a constant; no rule (plain gradient, reported).
+            out = func(*args, **kwargs)
+            self.unsupported[op.name] = self.unsupported.get(op.name, 0) + 1
+            return out
+        call_with, t0, y = self._value_without_graph(func, op, leaves, spec, i, inplace)
         if not isinstance(y, Tensor) or not y.is_floating_point():
             out = func(*args, **kwargs)
             self.unsupported[op.name] = self.unsupported.get(op.name, 0) + 1

@@ -1,4 +1,4 @@
-"""Small seeded float64 models shared by the engine tests."""
+"""Small models shared by the engine tests (the seeded ones in float64) and a check on the mode stack."""
 
 from __future__ import annotations
 
@@ -35,6 +35,23 @@ def cnn(seed: int = 0, classes: int = 5) -> nn.Module:
     return SmallCNN(classes).double().eval()
 
 
+class TinyText(nn.Module):
+    """embedding -> tanh -> mean over the tokens -> linear."""
+
+    def __init__(self, vocab: int, classes: int) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 4)
+        self.fc = nn.Linear(4, classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(self.emb(ids)).mean(1))
+
+
+def text(seed: int = 0, vocab: int = 10, classes: int = 3) -> nn.Module:
+    torch.manual_seed(seed)
+    return TinyText(vocab, classes).double().eval()
+
+
 class CallCounter(nn.Module):
     """Wraps a model and records the batch size of every call."""
 
@@ -51,3 +68,20 @@ class CallCounter(nn.Module):
 def mode_stack_empty() -> bool:
     """No TorchFunctionMode is left active (the rule-based methods push one while they run)."""
     return len(torch.overrides._get_current_function_mode_stack()) == 0
+
+
+class Flaky(nn.Module):
+    """Raises on its n-th call."""
+
+    def __init__(self, fail_on: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.calls, self.fail_on = 0, fail_on
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        h = torch.sigmoid(self.fc1(x))
+        if self.calls == self.fail_on:
+            raise RuntimeError("boom")
+        return self.fc2(h)

@@ -11,7 +11,7 @@ from torch import nn
 import nbattr
 from nbattr.engine.paths import RULES, quadrature
 
-from .models import CallCounter, cnn, mlp
+from .models import CallCounter, cnn, mlp, text
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -191,18 +191,7 @@ def test_auto_batching_under_small_budget(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_layer_attribution_over_embedding() -> None:
-    torch.manual_seed(0)
-
-    class Text(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.emb = nn.Embedding(20, 4)
-            self.fc = nn.Linear(4, 2)
-
-        def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            return self.fc(torch.tanh(self.emb(ids)).mean(1))
-
-    m = Text().double().eval()
+    m = text(0, vocab=20, classes=2)
     ids = torch.tensor([[1, 5, 7], [2, 2, 9]])
     r = nbattr.attribute(m, ids, layer=m.emb, steps=64)
     assert r.attributions.shape == (2, 3, 4)

@@ -10,7 +10,7 @@ from torch import nn
 import nbattr
 from nbattr.engine.result import Attribution
 
-from .models import CallCounter, cnn, mlp
+from .models import CallCounter, cnn, mlp, text
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -69,17 +69,7 @@ def test_multi_target_on_a_cnn_and_through_a_layer() -> None:
     for j in range(3):
         _same(r, nbattr.attribute(m, x, target=r.target[:, j], steps=6), j)
 
-    class Text(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.emb = nn.Embedding(10, 4)
-            self.fc = nn.Linear(4, 3)
-
-        def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            return self.fc(torch.tanh(self.emb(ids)).mean(1))
-
-    torch.manual_seed(0)
-    t = Text().double().eval()
+    t = text(0, vocab=10, classes=3)
     ids = torch.tensor([[1, 5, 7], [2, 2, 9]])
     r = nbattr.attribute(t, ids, layer=t.emb, target=[[0, 2], [1, 0]], steps=32)
     assert r.attributions.shape == (2, 2, 3, 4) and r.delta.abs().max() < 1e-8

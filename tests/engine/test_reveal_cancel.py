@@ -13,6 +13,8 @@ from torch import nn
 import nbattr
 from nbattr.engine.reveal_cancel import reveal_cancel_multipliers
 
+from .models import Flaky, mode_stack_empty
+
 DT = torch.float64
 SEEDS = [0, 1, 2]
 
@@ -473,27 +475,6 @@ def _same(model, snap):
             and training == now[2] and hooks == now[3])
 
 
-def _mode_stack_empty():
-    return len(torch.overrides._get_current_function_mode_stack()) == 0
-
-
-class Flaky(nn.Module):
-    """Raises on its n-th call."""
-
-    def __init__(self, fail_on):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
-        self.calls, self.fail_on = 0, fail_on
-        self.eval()
-
-    def forward(self, x):
-        self.calls += 1
-        h = torch.sigmoid(self.fc1(x))
-        if self.calls == self.fail_on:
-            raise RuntimeError("boom")
-        return self.fc2(h)
-
-
 def test_model_left_as_found_after_success():
     model = cnn(nn.ReLU, 1, bn=True)
     for p in model.parameters():
@@ -501,7 +482,7 @@ def test_model_left_as_found_after_success():
     model[0].weight.requires_grad_(False)
     snap = _snapshot(model)
     r = rc(model, torch.randn(2, 2, 8, 8))
-    assert _same(model, snap) and _mode_stack_empty()
+    assert _same(model, snap) and mode_stack_empty()
     assert_conserves(r)
 
 
@@ -512,7 +493,7 @@ def test_model_left_as_found_after_an_exception(fail_on):
     snap = _snapshot(model)
     with pytest.raises(RuntimeError, match="boom"):
         rc(model, torch.randn(3, 6))
-    assert _same(model, snap) and _mode_stack_empty()
+    assert _same(model, snap) and mode_stack_empty()
     x = torch.randn(2, 6, requires_grad=True)
     y = torch.sigmoid(x @ torch.eye(6))
     (g,) = torch.autograd.grad(y.sum(), x)  # plain autograd again outside the call
@@ -541,7 +522,7 @@ def test_control_flow_mismatch_in_linear_calls_raises():
     x = torch.rand(2, 4) + 0.1
     with pytest.raises(nbattr.InputError, match="control flow differs"):
         rc(Branching(), x, "zeros")
-    assert _mode_stack_empty()
+    assert mode_stack_empty()
     assert_conserves(rc(Branching(), x, 0.05))
 
 
@@ -557,4 +538,4 @@ def test_strict_applies_to_reveal_cancel():
 
     with pytest.raises(nbattr.UnsupportedOperationError, match="cumprod"):
         rc(NoRule(), torch.randn(2, 4), strict=True)
-    assert _mode_stack_empty()
+    assert mode_stack_empty()

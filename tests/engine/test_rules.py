@@ -12,7 +12,7 @@ from torch import nn
 import nbattr
 from nbattr.engine import rules
 
-from .models import mode_stack_empty
+from .models import Flaky, mode_stack_empty
 
 captum_attr = pytest.importorskip("captum.attr")
 EpsilonRule = pytest.importorskip("captum.attr._utils.lrp_rules").EpsilonRule
@@ -505,23 +505,6 @@ def test_layer_mode_embedding_conserves(seed):
 
 
 # -- hygiene ----------------------------------------------------------------------------------------
-class Flaky(nn.Module):
-    """Raises on its n-th call."""
-
-    def __init__(self, fail_on):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
-        self.calls, self.fail_on = 0, fail_on
-        self.eval()
-
-    def forward(self, x):
-        self.calls += 1
-        h = torch.sigmoid(self.fc1(x))
-        if self.calls == self.fail_on:
-            raise RuntimeError("boom")
-        return self.fc2(h)
-
-
 def _plain_forward_is_normal():
     torch.manual_seed(5)
     w = torch.randn(6, 6)
