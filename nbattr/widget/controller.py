@@ -5,17 +5,32 @@ Supersession: requests carry an increasing number. The worker computes at most o
 time; while it runs, newer requests overwrite a single "pending" slot (the last one wins) and the
 running result is cached but not published if a newer request exists. So 50 rapid switches cost
 at most two computations and always end showing the last choice.
+
+Prefetch (optional): after a computed result is published and no newer request is pending, the
+worker calls ``prefetch(key, stop)`` once and puts the payloads it returns (``{key: payload}``) in
+the cache *without publishing them*; a later request for one of those keys is then a cache hit. It
+is skipped when the request's own computation took longer than ``prefetch_after`` seconds, after
+errors and after cache hits. ``stop()`` turns True as soon as a newer request is pending (or the
+controller is closed), so a prefetch can give up between its steps. A request that arrives while a
+prefetch runs is kept in the pending slot and served right after it (from the cache if the prefetch
+produced its key): its worst-case extra latency is the rest of one prefetch call. Prefetch errors
+are logged (level INFO) and recorded in ``prefetch_errors``, never published.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import traceback
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+log = logging.getLogger(__name__)
+
+Prefetch = Callable[[Hashable, Callable[[], bool]], Mapping[Hashable, Any] | None]
 
 
 @dataclass
@@ -40,6 +55,11 @@ class Controller:
         caller's thread for cache hits).
     on_state : called with ``("computing" | "idle", key)`` when the worker starts/stops.
     cache_size : entries kept (least recently used dropped).
+    prefetch : optional ``prefetch(key, stop) -> {other_key: payload}``, run on the worker when it is
+        idle after publishing a computed ``key`` (see the module docstring). ``stop()`` is True
+        once a newer request is pending; returning early (or ``{}``) is always allowed.
+    prefetch_after : skip the prefetch when computing ``key`` took longer than this many seconds
+        (None: never skip). A plain attribute, may be changed later.
     """
 
     def __init__(
@@ -48,12 +68,17 @@ class Controller:
         publish: Callable[[Outcome], None],
         on_state: Callable[[str, Hashable], None] | None = None,
         cache_size: int = 64,
+        prefetch: Prefetch | None = None,
+        prefetch_after: float | None = 3.0,
     ) -> None:
         self._compute = compute
         self._publish = publish
         self._on_state = on_state or (lambda state, key: None)
         self._cache: OrderedDict[Hashable, Any] = OrderedDict()
         self._cache_size = cache_size
+        self._prefetch = prefetch
+        self.prefetch_after = prefetch_after
+        self._prefetching: Hashable | None = None  # the key whose prefetch is running
         self._lock = threading.Condition()
         self._publish_lock = threading.RLock()
         self._seq = 0
@@ -61,6 +86,8 @@ class Controller:
         self._running: tuple[int, Hashable] | None = None
         self._closed = False
         self.computed: list[Hashable] = []  # keys actually computed, in order (for tests and stats)
+        self.prefetched: list[Hashable] = []  # keys put in the cache by prefetch, in order
+        self.prefetch_errors: list[str] = []  # the last few prefetch failures (never published)
         self.last: Outcome | None = None
         self._thread = threading.Thread(target=self._loop, name="nbattr-widget-worker", daemon=True)
         self._thread.start()
@@ -97,11 +124,18 @@ class Controller:
         with self._lock:
             return self._pending is not None or self._running is not None
 
-    def wait(self, timeout: float = 30.0) -> bool:
-        """Block until no request is pending or running; False on timeout."""
+    @property
+    def prefetching(self) -> bool:
+        with self._lock:
+            return self._prefetching is not None
+
+    def wait(self, timeout: float = 30.0, prefetch: bool = False) -> bool:
+        """Block until no request is pending or running (and, with ``prefetch=True``, no prefetch
+        is running either); False on timeout."""
         end = time.monotonic() + timeout
         with self._lock:
-            while self._pending is not None or self._running is not None:
+            while (self._pending is not None or self._running is not None
+                   or (prefetch and self._prefetching is not None)):
                 left = end - time.monotonic()
                 if left <= 0:
                     return False
@@ -131,6 +165,38 @@ class Controller:
             except Exception:  # noqa: BLE001 - a display failure must not kill the worker
                 traceback.print_exc()
 
+    def _stop_prefetch(self) -> bool:
+        with self._lock:
+            return self._pending is not None or self._closed
+
+    def _store(self, key: Hashable, payload: Any) -> None:
+        # under self._lock
+        self._cache[key] = payload
+        self._cache.move_to_end(key)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    def _run_prefetch(self, key: Hashable) -> None:
+        try:
+            extra = self._prefetch(key, self._stop_prefetch) or {}  # type: ignore[misc]
+            err = None
+        except Exception as e:  # noqa: BLE001 - a background nicety: never shown, never fatal
+            extra, err = {}, f"{type(e).__name__}: {e}"
+            log.info("nbattr widget: prefetch after %r failed", key, exc_info=True)
+        with self._lock:
+            try:
+                if err is not None:
+                    self.prefetch_errors = [*self.prefetch_errors[-9:], err]
+                for k, payload in extra.items():
+                    if k not in self._cache:  # a computed entry wins over a prefetched one
+                        self._store(k, payload)
+                        self.prefetched.append(k)
+                if key in self._cache:  # keep the entry the user looked at the most recent one
+                    self._cache.move_to_end(key)
+            finally:
+                self._prefetching = None
+                self._lock.notify_all()
+
     def _loop(self) -> None:
         while True:
             with self._lock:
@@ -140,7 +206,18 @@ class Controller:
                     return
                 seq, key = self._pending
                 self._pending = None
+                # a prefetch that ran while this request waited may have produced its key
+                hit = key in self._cache
+                if hit:
+                    self._cache.move_to_end(key)
+                    payload = self._cache[key]
                 self._running = (seq, key)
+            if hit:
+                self._emit(Outcome(key, seq, payload=payload, cached=True))
+                with self._lock:
+                    self._running = None
+                    self._lock.notify_all()
+                continue
             self._on_state("computing", key)
             t0 = time.perf_counter()
             try:
@@ -152,14 +229,18 @@ class Controller:
             with self._lock:
                 self.computed.append(key)
                 if err is None:
-                    self._cache[key] = payload
-                    self._cache.move_to_end(key)
-                    while len(self._cache) > self._cache_size:
-                        self._cache.popitem(last=False)
+                    self._store(key, payload)
             self._emit(Outcome(key, seq, payload=payload, error=err, seconds=dt))
             with self._lock:
                 self._running = None
                 idle = self._pending is None
+                limit = self.prefetch_after
+                prefetch = (idle and err is None and self._prefetch is not None and not self._closed
+                            and (limit is None or dt <= limit))
+                if prefetch:
+                    self._prefetching = key
                 self._lock.notify_all()
             if idle:
                 self._on_state("idle", key)
+            if prefetch:
+                self._run_prefetch(key)

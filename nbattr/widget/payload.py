@@ -11,7 +11,11 @@ Reductions (done in Python, sent as float32):
 α frames (path methods run with ``keep_path=True``): frame k is the channel sum of
 |g_k * (x - x')|, the interior gradient at α_k scaled by the input difference (paper Fig. 3);
 ``curve`` holds α_k, F(x' + α_k (x - x')) and F(x') + the cumulative trapezoid integral of
-sum(g * (x - x')) up to α_k (which ends at F(x') + sum of attributions).
+sum(g * (x - x')) up to α_k (which ends at F(x') + sum of attributions). Frames are kept as
+float32 (the wire sends them as uint8); maps and curve as float64.
+
+:func:`build` takes a single-target result; for a multi-target one (the widget's prefetch of the
+other top classes) build each ``attr.for_target(j)``: the payload is identical to a separate run.
 """
 
 from __future__ import annotations
@@ -68,6 +72,6 @@ def build(attr: Any, kind: str, label: str | None = None) -> dict[str, Any]:
             da = np.diff(alphas)
             cum[1:] = np.cumsum(da * (per_step[1:] + per_step[:-1]) / 2.0)
         base = fb if fb is not None else 0.0
-        out["frames"] = frames
+        out["frames"] = frames.astype(np.float32)  # only ever quantised to uint8 (codec); halves the cache
         out["curve"] = np.stack([alphas, _np(attr.path_outputs)[:, 0], base + cum])
     return out

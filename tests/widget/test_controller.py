@@ -97,3 +97,138 @@ def test_publish_failure_does_not_kill_the_worker(capsys):
     c.wait(5)
     assert calls == ["a", "b"]
     c.close()
+
+
+# -- prefetch ---------------------------------------------------------------------------------
+class Prefetcher:
+    """``prefetch(key, stop)`` returning the keys ``key + "/1"``, ``key + "/2"``; may block or fail."""
+
+    def __init__(self, gate=None, fail=False, delay=0.0):
+        self.gate, self.fail, self.delay = gate, fail, delay
+        self.calls = []
+        self.started = threading.Event()
+        self.saw_stop = []
+
+    def __call__(self, key, stop):
+        self.calls.append(key)
+        self.started.set()
+        if self.gate is not None:
+            assert self.gate.wait(5)
+        time.sleep(self.delay)
+        self.saw_stop.append(stop())
+        if self.fail:
+            raise RuntimeError("prefetch broke")
+        return {f"{key}/1": f"payload {key}/1", f"{key}/2": f"payload {key}/2"}
+
+
+def make_pf(pf, prefetch_after=3.0, **kw):
+    r = Recorder(**kw)
+    return r, Controller(r.compute, r.publish, r.on_state, prefetch=pf, prefetch_after=prefetch_after)
+
+
+def test_prefetch_fills_the_cache_without_publishing():
+    pf = Prefetcher()
+    r, c = make_pf(pf)
+    c.request("a")
+    assert c.wait(5, prefetch=True)
+    assert pf.calls == ["a"] and pf.saw_stop == [False]
+    assert [o.key for o in r.published] == ["a"]  # prefetched entries are never published
+    assert c.prefetched == ["a/1", "a/2"] and c.get_cached("a/1") == "payload a/1"
+    assert r.states[-1] == ("idle", "a")  # the widget shows idle before the prefetch starts
+    c.request("a/2")  # a cache hit, published at once on this thread
+    assert r.published[-1].key == "a/2" and r.published[-1].cached
+    assert r.published[-1].payload == "payload a/2"
+    assert c.computed == ["a"]
+    c.close()
+
+
+def test_request_during_prefetch_is_served_right_after_it():
+    gate = threading.Event()
+    pf = Prefetcher(gate=gate)
+    r, c = make_pf(pf)
+    c.request("a")
+    assert pf.started.wait(5)
+    assert c.prefetching and not c.busy  # the shown result is done; the prefetch is background
+    c.request("b")  # not cached: waits in the pending slot while the prefetch runs
+    c.request("c")  # supersedes b
+    gate.set()
+    assert c.wait(5)
+    assert pf.saw_stop[0] is True  # the prefetch was told a newer request waits
+    assert r.published[-1].key == "c" and c.last.key == "c"
+    assert "b" not in [o.key for o in r.published]
+    assert c.computed == ["a", "c"]
+    c.wait(5, prefetch=True)
+    c.close()
+
+
+def test_request_for_a_key_being_prefetched_is_served_from_the_cache():
+    gate = threading.Event()
+    pf = Prefetcher(gate=gate)
+    r, c = make_pf(pf)
+    c.request("a")
+    assert pf.started.wait(5)
+    c.request("a/1")  # what the running prefetch is producing
+    gate.set()
+    assert c.wait(5)
+    assert r.published[-1].key == "a/1" and r.published[-1].cached
+    assert c.computed == ["a"]  # not computed twice
+    assert pf.calls == ["a"]  # no prefetch after a cache hit
+    c.close()
+
+
+def test_ends_on_the_last_choice_with_prefetch_and_rapid_switches():
+    pf = Prefetcher(delay=0.01)
+    r, c = make_pf(pf, delay=0.005)
+    keys = []
+    for i in range(30):
+        k = f"k{i % 4}" if i % 3 else f"k{i % 4}/{1 + i % 2}"  # computed keys and prefetched ones
+        keys.append(k)
+        c.request(k)
+        time.sleep(0.004)
+    assert c.wait(10)
+    assert r.published[-1].key == keys[-1] and c.last.key == keys[-1]
+    seqs = [o.seq for o in r.published]
+    assert seqs == sorted(seqs)  # never a stale outcome after a newer one
+    c.wait(10, prefetch=True)
+    c.close()
+
+
+def test_no_prefetch_after_a_slow_computation_or_an_error():
+    pf = Prefetcher()
+    r, c = make_pf(pf, prefetch_after=0.01, delay=0.05, fail={"bad"})
+    c.request("a")  # took 0.05 s > 0.01 s
+    c.wait(5, prefetch=True)
+    assert pf.calls == [] and not c.cached("a/1")
+    c.prefetch_after = None
+    c.request("bad")
+    c.wait(5, prefetch=True)
+    assert pf.calls == []
+    c.request("b")
+    c.wait(5, prefetch=True)
+    assert pf.calls == ["b"]
+    c.close()
+
+
+def test_prefetch_error_is_recorded_and_not_published():
+    pf = Prefetcher(fail=True)
+    r, c = make_pf(pf)
+    c.request("a")
+    assert c.wait(5, prefetch=True)
+    assert c.prefetch_errors == ["RuntimeError: prefetch broke"]
+    assert [o.error for o in r.published] == [None]
+    assert not c.prefetching and not c.cached("a/1")
+    c.request("b")  # the worker lives on
+    c.wait(5)
+    assert r.published[-1].key == "b" and r.published[-1].error is None
+    c.close()
+
+
+def test_a_computed_entry_is_not_replaced_by_a_prefetched_one():
+    c = Controller(lambda k: f"computed {k}", lambda o: None,
+                   prefetch=lambda key, stop: {"x": "prefetched x"} if key == "a" else {})
+    c.request("x")
+    c.wait(5, prefetch=True)
+    c.request("a")
+    c.wait(5, prefetch=True)
+    assert c.get_cached("x") == "computed x" and c.prefetched == []
+    c.close()

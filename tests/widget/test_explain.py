@@ -1,6 +1,7 @@
 import base64
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -179,3 +180,168 @@ def test_missing_bundle_gives_a_message_not_an_import_error(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok nbattr" in out.stdout, out.stderr
+
+
+# -- prefetch of the other top-k classes -------------------------------------------------------
+def assert_same_payload(a, b):
+    assert set(a) == set(b)
+    for k in a:
+        if k == "receipt":
+            assert a[k] == b[k]
+        else:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["integrated_gradients", "saliency", "smoothgrad"])
+def test_prefetch_caches_the_other_top_classes_equal_to_separate_runs(cnn, image, method):
+    w = Explain(cnn, image, method=method, steps=8, labels=[f"c{i}" for i in range(10)])
+    assert w.wait(30) and w.wait(30, prefetch=True)
+    ctl = w._controller
+    assert ctl.computed == [w.key()]  # the user's choice alone, first
+    others = [p["index"] for p in w.topk if p["index"] != w.target]
+    keys = [(method, "zeros", t, 8, ()) for t in others]
+    assert ctl.prefetched == keys and ctl.prefetch_errors == []
+    for t, k in zip(others, keys):
+        assert_same_payload(ctl.get_cached(k), w._attribute_one(method, "zeros", t, 8))
+    # clicking another top class is a cache hit, published at once on this thread
+    seq = w.seq
+    w.target = others[2]
+    assert w.seq == seq + 1 and w.receipt["cached"] is True
+    assert w.receipt["target"] == others[2] and w.receipt["label"] == f"c{others[2]}"
+    assert len(ctl.computed) == 1
+    expected = Explain(cnn, image, method=method, steps=8, target=others[2], prefetch=False)
+    expected.wait(30)
+    np.testing.assert_array_equal(maps(w), maps(expected))
+    if method == "integrated_gradients":
+        assert w.frames["scales"] == expected.frames["scales"]
+        assert bytes(w.frames["view"]) == bytes(expected.frames["view"])
+        np.testing.assert_array_equal(codec.decode(w.curve), codec.decode(expected.curve))
+    w.close()
+    expected.close()
+
+
+def test_prefetch_of_text_over_an_embedding_layer(text_model):
+    ids = torch.tensor([3, 7, 11, 2])
+    w = Explain(text_model, ids, tokens=list("abcd"), layer=text_model.emb, steps=8)
+    assert w.wait(30) and w.wait(30, prefetch=True)
+    other = w.topk[1]["index"]
+    k = ("integrated_gradients", "zeros", other, 8, ())
+    assert k in w._controller.prefetched
+    assert_same_payload(w._controller.get_cached(k), w._attribute_one("integrated_gradients", "zeros", other, 8))
+    w.close()
+
+
+def test_new_request_during_prefetch_is_served_and_ends_on_the_last_choice(cnn, image, monkeypatch):
+    gate, started = threading.Event(), threading.Event()
+    real = Explain._prefetch
+
+    def slow_prefetch(self, key, stop):
+        started.set()
+        assert gate.wait(10)
+        return real(self, key, stop)
+
+    monkeypatch.setattr(Explain, "_prefetch", slow_prefetch)
+    w = Explain(cnn, image, steps=8)
+    assert w.wait(30) and started.wait(10)
+    assert w.status == "idle" and w._controller.prefetching  # the first view is shown before the prefetch
+    w.method = "saliency"  # arrives while the prefetch runs: pending, not lost
+    w.target = w.topk[1]["index"]
+    assert w.receipt["method"] == "integrated_gradients"
+    gate.set()
+    assert w.wait(30)
+    assert w.receipt["method"] == "saliency" and w.receipt["target"] == w.topk[1]["index"]
+    assert not w.receipt["cached"]
+    # the prefetch saw the newer request and gave up: nothing of it was published, and the
+    # saliency view was computed (then prefetched in turn)
+    assert w.wait(30, prefetch=True)
+    assert all(k[0] == "saliency" for k in w._controller.prefetched)
+    assert w.receipt["method"] == "saliency" and w.receipt["target"] == w.topk[1]["index"]
+    w.target = w.topk[3]["index"]
+    assert w.receipt["cached"] is True and w.receipt["target"] == w.topk[3]["index"]
+    w.close()
+
+
+def test_request_for_a_class_being_prefetched_waits_for_it_not_recomputes(cnn, image, monkeypatch):
+    gate, started = threading.Event(), threading.Event()
+    real = Explain._prefetch
+
+    def gated(self, key, stop):
+        started.set()
+        assert gate.wait(10)
+        return real(self, key, lambda: False)  # finishes despite the waiting request
+
+    monkeypatch.setattr(Explain, "_prefetch", gated)
+    w = Explain(cnn, image, steps=8)
+    assert w.wait(30) and started.wait(10)
+    w.target = w.topk[1]["index"]
+    gate.set()
+    assert w.wait(30)
+    assert w.receipt["target"] == w.topk[1]["index"] and w.receipt["cached"] is True
+    assert len(w._controller.computed) == 1
+    w.close()
+
+
+def test_no_prefetch_for_methods_without_a_native_multi_target_path(cnn, image, monkeypatch):
+    calls = []
+    real = explain_mod.attribute
+
+    def spy(*a, **kw):
+        calls.append(kw["target"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(explain_mod, "attribute", spy)
+    w = Explain(cnn, image, methods=["deeplift", "occlusion", "saliency"], method="deeplift")
+    assert not w.prefetchable("deeplift") and not w.prefetchable("occlusion") and w.prefetchable("saliency")
+    assert w.wait(30) and w.wait(30, prefetch=True)
+    assert w._controller.prefetched == [] and calls == [w.target]
+    w.target = w.topk[1]["index"]
+    w.wait(30)
+    assert w.receipt["cached"] is False and len(w._controller.computed) == 2
+    w.close()
+
+
+def test_prefetch_option_off_and_compare_mode(cnn, image):
+    w = Explain(cnn, image, steps=8, prefetch=False)
+    assert w.wait(30) and w.wait(30, prefetch=True)
+    assert w._controller.prefetched == []
+    w.prefetch = True  # a plain attribute, read at each prefetch
+    w.method = "saliency"
+    assert w.wait(30) and w.wait(30, prefetch=True)
+    assert len(w._controller.prefetched) == len(w.topk) - 1
+    w.prefetch = False
+    w.method = "gradient_x_input"
+    assert w.wait(30) and w.wait(30, prefetch=True)
+    assert all(k[0] == "saliency" for k in w._controller.prefetched)
+    w.prefetch = True
+    n = len(w._controller.prefetched)
+    w.compare = ["saliency", "integrated_gradients"]  # compare grids are not prefetched
+    assert w.wait(30) and w.wait(30, prefetch=True)
+    assert len(w._controller.prefetched) == n
+    w.close()
+
+
+def test_prefetch_skipped_when_the_view_was_slow(cnn, image):
+    w = Explain(cnn, image, steps=8, prefetch_after=0.0)
+    assert w.wait(30) and w.wait(30, prefetch=True)
+    assert w._controller.prefetched == []
+    w.close()
+
+
+def test_prefetch_error_does_not_break_the_widget(cnn, image, monkeypatch):
+    real = explain_mod.attribute
+
+    def broken_multi(*a, **kw):
+        if isinstance(kw["target"], torch.Tensor):
+            raise RuntimeError("multi-target exploded")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(explain_mod, "attribute", broken_multi)
+    w = Explain(cnn, image, steps=8)
+    assert w.wait(30) and w.wait(30, prefetch=True)
+    assert w._controller.prefetch_errors == ["RuntimeError: multi-target exploded"]
+    assert w.status == "idle" and w.error == ""  # never shown: the prefetch is a background nicety
+    w.target = w.topk[1]["index"]  # computed the ordinary way
+    assert w.wait(30)
+    assert w.status == "idle" and w.error == "" and w.receipt["target"] == w.topk[1]["index"]
+    assert w.receipt["cached"] is False
+    w.close()
