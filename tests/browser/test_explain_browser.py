@@ -2,7 +2,8 @@
 driven with Playwright as a person would (see /work/shared/BROWSER.md).
 
 Prints the measured times from a method switch in the page to changed canvas pixels (cached and
-uncached). Screenshots go to test-artifacts/; the widget's own picture is copied to docs/widget.png.
+uncached). Screenshots go to test-artifacts/; with NBATTR_UPDATE_DOCS_IMAGE=1 the EfficientNet picture
+is copied to docs/widget.png (the README's).
 """
 
 from __future__ import annotations
@@ -322,9 +323,6 @@ def test_explain_widget_in_jupyterlab(lab):
             page.screenshot(path=str(ARTIFACTS / "jupyterlab.png"), full_page=True)
         finally:
             browser.close()
-    docs = ROOT / "docs"
-    docs.mkdir(exist_ok=True)
-    shutil.copy(ARTIFACTS / "widget.png", docs / "widget.png")
     print(f"\n[nbattr browser timings, small CNN 3x32x32] uncached switch -> changed pixels: "
           f"{timings['uncached_ms']:.0f} ms; cached: median {statistics.median(timings['cached_ms']):.0f} ms "
           f"(all {[round(v) for v in timings['cached_ms']]})")
@@ -368,7 +366,8 @@ def test_efficientnet_switch_timings(lab):
             root.screenshot(path=str(ARTIFACTS / "widget-efficientnet.png"))
         finally:
             browser.close()
-    shutil.copy(ARTIFACTS / "widget-efficientnet.png", ROOT / "docs" / "widget.png")
+    if os.environ.get("NBATTR_UPDATE_DOCS_IMAGE") == "1":  # the README's picture, refreshed on request only
+        shutil.copy(ARTIFACTS / "widget-efficientnet.png", ROOT / "docs" / "widget.png")
     print(f"\n[nbattr browser timings, EfficientNet-Lite0 3x224x224] uncached switch -> changed pixels: "
           f"saliency {uncached:.0f} ms, gradient_x_input {uncached2:.0f} ms; cached: median "
           f"{statistics.median(cached):.0f} ms (all {[round(v) for v in cached]})")
