@@ -76,6 +76,8 @@ def photo(name: str = "chelsea", size: int = 224) -> torch.Tensor:
     except ImportError:
         _need("scikit-image")
     img = getattr(skimage.data, name)()
+    if img.dtype == bool:  # horse is a binary silhouette
+        img = img.astype(np.float64)
     if img.ndim == 2:
         img = np.stack([img] * 3, -1)
     img = img[..., :3]
