@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from . import baselines as _baselines
 from .batching import BatchSize, run_chunked
 from .errors import InputError, NoGradientPathError, TargetError
+from .guard import thread_hook
 from .result import Attribution
 
 TargetSpec = int | str | Sequence[int] | Sequence[Sequence[int]] | Tensor | None
@@ -65,7 +66,7 @@ class _ReplaceOutput:
                                  f"values {tuple(self.values.shape)}")
             return self.values
 
-        self.handle = self.layer.register_forward_hook(hook)
+        self.handle = thread_hook(self.layer, hook)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -83,7 +84,7 @@ class _Capture:
             self.calls += 1
             self.value = out
 
-        self.handle = self.layer.register_forward_hook(hook)
+        self.handle = thread_hook(self.layer, hook)
         return self
 
     def __exit__(self, *exc: Any) -> None:

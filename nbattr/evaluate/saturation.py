@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..engine.baselines import BaselineSpec
 from ..engine.batching import BatchSize, run_chunked
 from ..engine.errors import InputError, TargetError
-from ..engine.guard import model_guard
+from ..engine.guard import model_guard, thread_hook
 from ..engine.problem import Problem, TargetSpec
 
 LayerSpec = Mapping[str, nn.Module] | Sequence[str | nn.Module] | str | nn.Module | None
@@ -118,7 +118,7 @@ class _Recorder:
                                      "choose a module that is called once")
                 self.values[name] = out.detach()
 
-            self.handles.append(mod.register_forward_hook(hook))
+            self.handles.append(thread_hook(mod, hook))
         return self
 
     def take(self) -> dict[str, Tensor]:
