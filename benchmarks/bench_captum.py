@@ -1,7 +1,7 @@
 """nbattr against Captum, timed in one run on the same model, batch, steps and baseline.
 
-Prints the median time of each side over repeats and the ratio nbattr / Captum (< 1: nbattr is
-faster), and the peak memory of one call of each side: on CUDA ``torch.cuda.max_memory_allocated``
+Prints the median time of each side over repeats and the median ratio nbattr / Captum of the
+rounds (< 1: nbattr is faster; the two sides alternate, so a shared machine's slow spells hit both), and the peak memory of one call of each side: on CUDA ``torch.cuda.max_memory_allocated``
 above what was allocated before the call; on CPU the rise of the process's resident set size
 (``/proc/self/statm``) sampled every millisecond by a thread during the call (tracemalloc does not
 see torch's allocations; ``getrusage`` maxrss is a lifetime high-water mark, blind to a call that
@@ -37,18 +37,29 @@ def small_cnn() -> nn.Module:
         nn.Flatten(), nn.Linear(64, 10)).eval()
 
 
-def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    fn()  # warm-up
-    ts = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+def _once(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def timed_pair(ours: Callable[[], object], theirs: Callable[[], object], repeats: int,
+               device: torch.device) -> tuple[float, float, float]:
+    """Median times of both sides and the median of their per-round ratios. The two run in
+    alternation (ours, theirs, theirs, ours, ...), so a shared machine's slow spells hit both."""
+    ours(), theirs()  # warm-up
+    to, tc, ratios = [], [], []
+    for i in range(repeats):
+        if i % 2:
+            b, a = _once(theirs, device), _once(ours, device)
+        else:
+            a, b = _once(ours, device), _once(theirs, device)
+        to.append(a), tc.append(b), ratios.append(a / b)
+    return statistics.median(to), statistics.median(tc), statistics.median(ratios)
 
 
 def _rss() -> int:
@@ -135,11 +146,10 @@ def main() -> int:
     for name, model, x in models:
         model, x = model.to(device), x.to(device)
         for label, ours, theirs in cases(model, x, args.steps):
-            to = timed(ours, args.repeats, device)
-            tc = timed(theirs, args.repeats, device)
+            to, tc, ratio = timed_pair(ours, theirs, args.repeats, device)
             mo, mc = peak_memory(ours, device), peak_memory(theirs, device)
             ms = "n/a" if mo is None or mc is None else f"{mo:8.1f} {mc:8.1f}"
-            print(f"{name:34s} {label:26s} {to:9.3f} {tc:9.3f} {to / tc:6.2f}   {ms}", flush=True)
+            print(f"{name:34s} {label:26s} {to:9.3f} {tc:9.3f} {ratio:6.2f}   {ms}", flush=True)
     return 0
 
 

@@ -84,8 +84,12 @@ def attribute(
         opts.setdefault("rule", rule)
     elif "rule" in info.options and rule not in RULES:
         opts.setdefault("rule", rule)  # e.g. deeplift's rule="rescale"; the quadrature default is not one
+    # a method may tape the first forward at x and reuse it (DeepLIFT: the recording of its passes)
+    record = getattr(info.fn, "record_first_forward", None)
+    record = record(model, opts) if record is not None else None
     with model_guard(model):
-        problem = Problem(model, x, target=target, baseline=baseline, layer=layer, batch_size=batch_size)
+        problem = Problem(model, x, target=target, baseline=baseline, layer=layer, batch_size=batch_size,
+                          record=record)
         if not problem.multi:
             return info.fn(problem, **opts)
         if getattr(info.fn, "multi_target", False):

@@ -7,6 +7,7 @@ in memory-sized chunks, and to turn the pieces into an :class:`Attribution`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import warnings
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import baselines as _baselines
-from .batching import BatchSize, run_chunked
+from .batching import PROBE_ROWS, BatchSize, run_chunked
 from .errors import InputError, NoGradientPathError, TargetError
 from .guard import thread_hook
 from .result import Attribution
@@ -161,6 +162,7 @@ class Problem:
         baseline: _baselines.BaselineSpec = "zeros",
         layer: nn.Module | None = None,
         batch_size: BatchSize = "auto",
+        record: Callable[[], Any] | None = None,
     ) -> None:
         if not callable(model):
             raise InputError(f"model must be an nn.Module or a callable, got {type(model).__name__}")
@@ -181,6 +183,11 @@ class Problem:
             raise InputError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
         self.model = model
         self.layer = layer
+        self._record = record
+        #: the mode (``record()``) the first forward at ``x`` ran in, when it was taped: with
+        #: ``batch_size="auto"`` only for at most ``PROBE_ROWS`` examples (one chunk, whose
+        #: recording a method may then reuse; more rows would keep all their activations)
+        self.first_tape: Any = None
         self.device = model_device(model, x.device)
         self.batch_size = batch_size
         self.stats: dict[str, Any] = {}
@@ -240,11 +247,21 @@ class Problem:
 
     # -- the model -------------------------------------------------------------------------
     def _first_forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        rows = PROBE_ROWS if self.batch_size == "auto" else self.batch_size
+        mode = self._record() if self._record is not None and x.shape[0] <= rows else None
+        self.first_tape = None
         with torch.no_grad():
             if self.layer is None:
-                return self.model(x), x
-            with _Capture(self.layer) as cap:
-                out = self.model(x)
+                z = x.clone()  # a model may work in place on its input: x (the caller's data) stays
+                if mode is None:
+                    return self.model(z), x
+                with mode:
+                    out = self.model(z)
+                self.first_tape = mode
+                return out, x
+            with _Capture(self.layer) as cap, (mode if mode is not None else contextlib.nullcontext()):
+                out = self.model(x.clone())
+            self.first_tape = mode
             if cap.calls == 0:
                 raise InputError(f"layer {type(self.layer).__name__} was not called by the model's "
                                  "forward; pass a module that the model uses")
@@ -358,7 +375,13 @@ class Problem:
         return view
 
     def forward_full(self, z: Tensor, rows: Tensor) -> Tensor:
-        """Raw model output for points ``z`` of the attributed space; ``rows`` are example indices."""
+        """Raw model output for points ``z`` of the attributed space; ``rows`` are example indices.
+
+        The model gets a copy of ``z`` (a differentiable one, when ``z`` requires grad): a model
+        that works in place on its input (``x.relu_()``) then changes neither the caller's
+        tensors (inputs, baselines) nor a leaf whose gradient is wanted.
+        """
+        z = z.clone()
         if self.layer is None:
             out = self.model(z)
         else:

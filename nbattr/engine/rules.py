@@ -378,39 +378,67 @@ def _is_linear(func: Any, op: _Op, args: tuple, kwargs: dict, varying: list[Tens
     return False
 
 
-# -- multipliers --------------------------------------------------------------------------------
-Multiplier = Callable[[Tensor, Tensor, "Tensor | None", "Tensor | None"], "tuple[Tensor, Tensor | None]"]
+# -- multipliers ---------------------------------------------------------------------------------
+#: Nonlinearities whose value is, piece by piece, the input itself or a constant (``relu(t)`` is
+#: ``t`` or ``0``): where ``t`` and ``t'`` lie on the same piece, ``f(t) - f(t')`` and ``t - t'``
+#: are the same floating-point subtraction (or ``0``), and across a kink ``|Δy| <= |Δt|`` with no
+#: cancellation, so the secant needs no tolerance: it is exact wherever ``t != t'``.
+EXACT_SECANT_OPS: frozenset[str] = frozenset({
+    "relu", "relu6", "hardtanh", "threshold", "hardshrink", "clamp", "clamp_min", "clamp_max",
+    "abs", "maximum", "minimum", "fmax", "fmin",
+})
+
+#: ``multiplier(t, y, t_ref, y_ref, exact) -> (m, bad)``: the multiplier of ``y = f(t)`` and where
+#: (None: nowhere) the plain derivative must replace it; ``m`` may hold anything at ``bad``.
+#: ``exact`` says ``f`` is one of :data:`EXACT_SECANT_OPS`.
+Multiplier = Callable[[Tensor, Tensor, "Tensor | None", "Tensor | None", bool], "tuple[Tensor, Tensor | None]"]
 
 
-def _rescale_multiplier(t: Tensor, y: Tensor, t_ref: Tensor | None, y_ref: Tensor | None
-                        ) -> tuple[Tensor, Tensor | None]:
+def _all_finite(m: Tensor) -> bool:
+    """Whether every element of ``m`` is finite, known without a host sync: one reduction on a CPU;
+    on an accelerator False (the caller then builds its mask, a cheap kernel, and never waits)."""
+    return m.device.type == "cpu" and bool(torch.isfinite(m.sum()))
+
+
+def _nonfinite(m: Tensor) -> Tensor | None:
+    """Where ``m`` is not finite, or None when :func:`_all_finite` says it is finite everywhere."""
+    return None if _all_finite(m) else torch.isfinite(m).logical_not_()
+
+
+def _rescale_multiplier(t: Tensor, y: Tensor, t_ref: Tensor | None, y_ref: Tensor | None,
+                        exact: bool = False) -> tuple[Tensor, Tensor | None]:
     """DeepLIFT Rescale: ``(f(t) - f(t')) / (t - t')``; ``bad`` marks where the plain derivative
-    is used instead (``t`` close to ``t'``, or a non-finite ratio)."""
+    is used instead: ``t = t'`` (and non-finite ratios) for :data:`EXACT_SECANT_OPS`, otherwise
+    also ``t`` close to ``t'``. Every step works in place on fresh tensors (on a CPU each pass over
+    a large activation costs about as much as the nonlinearity itself)."""
     assert t_ref is not None and y_ref is not None
     dt = t - t_ref
     m = (y - y_ref).div_(dt)
+    if exact:  # only t = t' gives a non-finite ratio (0 / 0): one reduction finds out whether any does
+        return m, (None if _all_finite(m) else dt == 0)
     # |t - t'| <= sqrt(machine eps) (1 + |t|): the secant is mostly rounding error there, while
     # the plain derivative differs from it by O(|t - t'|) only. (|t| ~ |t'| wherever dt is that
-    # small, so |t| alone sets the scale.) In-place steps on fresh tensors: fewer passes.
+    # small, so |t| alone sets the scale.)
     r = math.sqrt(torch.finfo(t.dtype).eps)
     bad = torch.le(dt.abs_(), t.abs().mul_(r).add_(r))
-    m.masked_fill_(bad, 0.0)
-    if not bool(torch.isfinite(m.sum())):  # one reduction instead of an elementwise check
-        nonfinite = torch.isfinite(m).logical_not_()
+    nonfinite = _nonfinite(m)  # includes the t = t' elements, which are in ``bad`` already
+    if nonfinite is not None:
         bad.logical_or_(nonfinite)
-        m.masked_fill_(nonfinite, 0.0)
     return m, bad
 
 
 def _epsilon_multiplier(epsilon: float) -> Multiplier:
     """ε-LRP (DeepExplain): ``f(t) / (t + ε sign(t))`` with ``sign(0) = +1``."""
 
-    def multiplier(t: Tensor, y: Tensor, _t_ref: Tensor | None, _y_ref: Tensor | None
-                   ) -> tuple[Tensor, Tensor | None]:
+    def multiplier(t: Tensor, y: Tensor, _t_ref: Tensor | None, _y_ref: Tensor | None,
+                   _exact: bool = False) -> tuple[Tensor, Tensor | None]:
         eps = torch.tensor(epsilon, dtype=t.dtype, device=t.device)  # not the default dtype
-        m = y / (t + torch.where(t >= 0, eps, -eps))
-        bad = ~torch.isfinite(m) | torch.isinf(t)  # t = -inf (a masked logit): plain derivative
-        return torch.where(bad, torch.zeros_like(m), m), bad
+        m = y / torch.where(t >= 0, eps, -eps).add_(t)
+        bad = _nonfinite(m)
+        infinite = _nonfinite(t)  # t = -inf (a masked logit): plain derivative
+        if infinite is not None:
+            bad = infinite if bad is None else bad.logical_or_(infinite)
+        return m, bad
 
     return multiplier
 
@@ -1083,6 +1111,8 @@ class _Replay(TorchFunctionMode):
         self.gates: dict[int, Tensor] | None = {} if tape is None else None
         self.scales: dict[int, Tensor] = {}
         self.position = 0
+        #: what this pass and the taped pass run at (for messages): (this, taped)
+        self.sides = ("input", "reference")
 
     def _report(self, name: str) -> None:
         self.unsupported[name] = self.unsupported.get(name, 0) + 1
@@ -1116,11 +1146,12 @@ class _Replay(TorchFunctionMode):
                         and (r is None or r.shape == v.shape) for r, v in zip(entry.leaves, leaves, strict=True)))
         if not same:
             at_ref = "no call" if entry is None else f"{entry.name}"
+            here, there = self.sides
             raise InputError(
                 f"{self.method}: the model's control flow differs between the input and the "
                 f"reference: call {k + 1} with a rule is {op.name} with input shapes "
-                f"{[tuple(v.shape) for v in leaves if isinstance(v, Tensor)]} at the input but "
-                f"{at_ref} at the reference; choose a reference on which the model runs the same "
+                f"{[tuple(v.shape) for v in leaves if isinstance(v, Tensor)]} at the {here} but "
+                f"{at_ref} at the {there}; choose a reference on which the model runs the same "
                 "operations")
         if entry.versions is not None:
             for v, ver in zip([*entry.leaves, entry.output], entry.versions, strict=True):
@@ -1131,10 +1162,11 @@ class _Replay(TorchFunctionMode):
     def finish(self) -> None:
         """Check that every taped reference call had its input counterpart."""
         if self.tape is not None and self.position != len(self.tape):
+            here, there = self.sides
             raise InputError(
                 f"{self.method}: the model's control flow differs between the input and the "
-                f"reference: {len(self.tape)} calls with a rule at the reference, "
-                f"{self.position} at the input")
+                f"reference: {len(self.tape)} calls with a rule at the {there}, "
+                f"{self.position} at the {here}")
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -1195,6 +1227,7 @@ class _Replay(TorchFunctionMode):
             with torch.no_grad(), rec:
                 comp.run(ref_parsed, shared, rec)
             child = _Replay(self.method, self.multiplier, rec.tape, self.unsupported)
+            child.sides = self.sides
             with child:
                 dec = comp.run(parsed, shared, child)
             child.finish()
@@ -1302,17 +1335,15 @@ class _Replay(TorchFunctionMode):
             if y_ref is None or y_ref.shape != y.shape:
                 raise InputError(f"{self.method}: {op.name} returns different shapes at the input "
                                  "and at the reference")
-        m, bad = self.multiplier(t0, y, t_ref, y_ref)
-        plain = bad is not None and bool(bad.any())
-        if plain and m.shape == t0.shape and sum(isinstance(v, Tensor) for v in leaves) == 1:
-            # Elementwise with scalar arguments: the plain derivative at the few flagged
-            # elements, from a small graph of those elements only.
-            with torch.enable_grad():
-                tb = t0[bad].clone().requires_grad_(True)
-                yb = call_with(tb.clone() if inplace else tb)
-                (d,) = torch.autograd.grad(yb.sum(), tb, allow_unused=True)
-            m[bad] = 0.0 if d is None else d.to(m.dtype)
-            plain = False
+        m, bad = self.multiplier(t0, y, t_ref, y_ref, op.name in EXACT_SECANT_OPS)
+        plain = False
+        if bad is not None:
+            if m.shape == t0.shape and sum(isinstance(v, Tensor) for v in leaves) == 1:
+                # Elementwise with scalar arguments: the plain derivative where flagged.
+                m = _derivative_at(bad, m, t0, call_with, inplace)
+            else:  # a broadcast argument: the plain call's own graph where flagged (below)
+                m.masked_fill_(bad, 0.0)
+                plain = bool(bad.any())
         out = _Multiplied.apply(t, m.detach(), [y])  # value y, gradient m
         if plain:
             y_plain = call_with(t.clone() if inplace else t)
@@ -1325,6 +1356,30 @@ class _Replay(TorchFunctionMode):
         return out
 
 
+def _derivative_at(bad: Tensor, m: Tensor, t0: Tensor, call_with: Callable[[Tensor], Any],
+                   inplace: bool) -> Tensor:
+    """``m`` with the elementwise derivative of ``call_with`` at ``t0`` where ``bad``. On a CPU from
+    a small graph of the flagged elements only (one index computation; usually few are flagged);
+    on an accelerator over the whole tensor, which costs a few cheap kernels and no host sync."""
+    sparse = m.device.type == "cpu" and m.dim() > 0
+    with torch.enable_grad():
+        if sparse:
+            idx = bad.nonzero(as_tuple=True)
+            if idx[0].numel() == 0:
+                return m
+            tb = t0[idx].requires_grad_(True)
+        else:
+            tb = t0.clone().requires_grad_(True)
+        yb = call_with(tb.clone() if inplace else tb)
+        (d,) = torch.autograd.grad(yb.sum(), tb, allow_unused=True)
+    if d is None:
+        d = torch.zeros_like(tb)
+    d = d.to(m.dtype)
+    if sparse:
+        return m.index_put_(idx, d)
+    return torch.where(bad, d, m)
+
+
 # -- the passes ---------------------------------------------------------------------------------
 def _ops_text(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} (x{v})" for k, v in counts.items())
@@ -1332,35 +1387,49 @@ def _ops_text(counts: dict[str, int]) -> str:
 
 def _modified_gradient(p: Problem, method: str, multiplier: Multiplier, *, reference: bool,
                        strict: bool, recorder_cls: Callable[[], _Recorder] = _Recorder,
-                       replay_cls: Callable[..., _Replay] = _Replay,
+                       replay_cls: Callable[..., _Replay] = _Replay, at_reference: bool = False,
                        ) -> tuple[Tensor, Tensor | None, dict[str, int]]:
-    """Chunked passes: the modified gradient at ``p.inputs``, the reference scores (if
-    ``reference``) and the operations without a rule (calls per forward, max over chunks)."""
+    """Chunked passes: the modified gradient, the reference scores (if ``reference``) and the
+    operations without a rule (calls per forward, max over chunks).
+
+    The gradient is taken at ``p.inputs`` after a recording at the references; with
+    ``at_reference`` the roles swap: the recording is at the inputs and the gradient at the
+    references. Rescale's multipliers, the product splits and the composites' shared constants are
+    symmetric in the two passes, so both give the same multipliers (to rounding); the swap lets
+    the problem's own first forward at the inputs, taped (:attr:`Problem.first_tape`), serve as
+    the recording of a chunk that covers every row, which saves one forward pass.
+    """
     grads = torch.empty_like(p.inputs)
     base_out = torch.empty_like(p.outputs) if reference else None
     unsupported: dict[str, int] = {}
     row_bytes = 3 * p.inputs[0].numel() * p.inputs.element_size()
+    recorded, replayed = (p.inputs, p.baselines) if at_reference else (p.baselines, p.inputs)
 
     def work(sl: slice) -> None:
         rows = torch.arange(sl.start, sl.stop, device=p.device)
         for copy in (False, True):
             tape = None
             if reference:
-                rec = recorder_cls()
-                rec.copy = copy  # aliases first; copies if a write to a taped tensor went unseen
-                ref = p.baselines[sl].detach().clone()
-                with torch.no_grad():
-                    with rec:
-                        full_ref = p.forward_full(ref, rows)
-                    base_out[sl] = p.select(full_ref, p.target[rows])
-                tape = rec.tape
-            z = p.inputs[sl].detach().clone().requires_grad_(True)
+                first = p.first_tape if at_reference and not copy and sl == slice(0, p.n) else None
+                if first is not None:
+                    tape = first.tape
+                else:
+                    rec = recorder_cls()
+                    rec.copy = copy  # aliases first; copies if a write to a taped tensor went unseen
+                    with torch.no_grad():
+                        with rec:
+                            full_rec = p.forward_full(recorded[sl].detach(), rows)
+                        if not at_reference:
+                            base_out[sl] = p.select(full_rec, p.target[rows])
+                    tape = rec.tape
+            z = replayed[sl].detach().clone().requires_grad_(True)
             replay = replay_cls(method, multiplier, tape)
+            if at_reference:
+                replay.sides = ("reference", "input")
             try:
                 with torch.enable_grad():
-                    zin = z.clone()  # not a leaf: the model may work in place on its input
                     with replay:
-                        full = p.forward_full(zin, rows)
+                        full = p.forward_full(z, rows)  # runs the model on a copy of the leaf
                     replay.finish()
                 break
             except _StaleTape:
@@ -1373,13 +1442,28 @@ def _modified_gradient(p: Problem, method: str, multiplier: Multiplier, *, refer
                 raise UnsupportedOperationError(
                     f"{method}: no rule for {_ops_text(replay.unsupported)}; strict=True forbids the "
                     "plain-gradient fallback (pass strict=False to compute anyway)")
-            g = score_gradient(p.select(full, p.target[rows]), z)
+            scores = p.select(full, p.target[rows])
+            if at_reference:
+                base_out[sl] = scores.detach()
+            g = score_gradient(scores, z)
         grads[sl] = g
 
     with unrolled_rnns(p.model) as unrolled:  # LSTM/GRU/RNN run as plain ops: the gates get rules
         run_chunked(p.n, work, batch_size=p.batch_size, device=p.device, row_bytes=row_bytes, stats=p.stats)
     p.stats["unrolled"] = unrolled
     return grads, base_out, unsupported
+
+
+def record_first_forward(model: Any, options: dict[str, Any]) -> Callable[[], _Recorder] | None:
+    """For :func:`nbattr.attribute`: a recorder for the problem's first forward when the method
+    will use it (DeepLIFT Rescale on a model without recurrent modules, which run fused there and
+    unrolled in the passes), else None."""
+    if options.get("rule", "rescale") != "rescale":
+        return None
+    if isinstance(model, torch.nn.Module) and any(
+            isinstance(m, (torch.nn.RNNBase, torch.nn.RNNCellBase)) for m in model.modules()):
+        return None
+    return _Recorder
 
 
 def _warn_unsupported(method: str, unsupported: dict[str, int], consequence: str) -> None:
@@ -1420,7 +1504,7 @@ def deeplift(p: Problem, *, strict: bool = False, rule: str = "rescale") -> obje
         grads, base_out, unsupported, rule_params = reveal_cancel_passes(p, strict=strict)
     else:
         grads, base_out, unsupported = _modified_gradient(p, "deeplift", _rescale_multiplier,
-                                                          reference=True, strict=strict)
+                                                          reference=True, strict=strict, at_reference=True)
     _warn_unsupported("deeplift", unsupported, "completeness may not hold")
     return p.result(
         "deeplift", (p.inputs - p.baselines) * grads, completeness=True, uses_baseline=True,
@@ -1429,6 +1513,9 @@ def deeplift(p: Problem, *, strict: bool = False, rule: str = "rescale") -> obje
                 "unrolled": p.stats.get("unrolled", []), **rule_params},
         unsupported=unsupported,
     )
+
+
+deeplift.record_first_forward = record_first_forward  # type: ignore[attr-defined]
 
 
 @register(

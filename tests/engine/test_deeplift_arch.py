@@ -18,6 +18,7 @@ from torch import nn
 
 import nbattr
 from nbattr.engine import rules
+from nbattr.engine.errors import InputError
 
 from .models import mode_stack_empty
 
@@ -449,7 +450,9 @@ def test_transformer_fast_path_is_not_taken_during_attribution(monkeypatch):
     for method in ("deeplift", "epsilon_lrp"):
         r = nbattr.attribute(model, x, method=method)
         assert r.unsupported == {}
-    assert calls == [0, 0]  # only the two plain first forwards (no mode), none inside a pass
+    # only epsilon_lrp's plain first forward (no mode); DeepLIFT tapes its first forward (the
+    # recording of its passes), and no pass runs the fused kernel
+    assert calls == [0]
     rel = (r.outputs.abs() + 1).max()
     r = nbattr.attribute(model, x, method="deeplift", baseline=x * 0.3)
     assert r.delta.abs().max() < 1e-4 * rel
@@ -627,9 +630,10 @@ class FailsAfter(nn.Module):
         return h
 
 
-@pytest.mark.parametrize(("method", "fail_on"), [("deeplift", 2), ("deeplift", 3), ("epsilon_lrp", 2)])
+# call 1: Problem's forward (deeplift: taped), 2: the pass with the rules
+@pytest.mark.parametrize(("method", "fail_on"), [("deeplift", 1), ("deeplift", 2), ("epsilon_lrp", 2)])
 def test_no_mode_left_after_an_exception(method, fail_on):
-    with pytest.raises(RuntimeError, match="boom"):
+    with pytest.raises(InputError if fail_on == 1 else RuntimeError, match="boom|output has shape"):
         nbattr.attribute(FailsAfter(fail_on), torch.randn(3, 6), method=method)
     assert mode_stack_empty()
 
@@ -698,3 +702,58 @@ def test_minilm_conserves():
             assert r.unsupported == {}
             # measured: |delta| / |F(x) - F(x')| <= 1.6e-6
             assert (r.delta.abs() < 1e-4 * (r.outputs - r.baseline_outputs).abs()).all(), r.delta
+
+
+def _both_directions(model, x, x0):
+    """DeepLIFT's modified gradient recorded at the reference and taken at the input, and the
+    other way round (what ``nbattr.attribute`` does)."""
+    from nbattr.engine.guard import model_guard
+    from nbattr.engine.problem import Problem
+
+    out = []
+    for at_reference in (False, True):
+        with model_guard(model):
+            p = Problem(model, x, baseline=x0, batch_size=2)
+            g, base, unsupported = rules._modified_gradient(
+                p, "deeplift", rules._rescale_multiplier, reference=True, strict=False,
+                at_reference=at_reference)
+        assert unsupported == {}
+        out.append(((p.inputs - p.baselines) * g, base))
+    return out
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_recording_at_the_input_or_the_reference_gives_the_same_result(arch):
+    """Rescale, the product splits and the composites' shared constants are symmetric in the two
+    passes, so which pass is taped and which is differentiated does not matter (to rounding)."""
+    torch.manual_seed(3)
+    cls, shape = ARCHS[arch]
+    model = cls()
+    x, x0 = torch.randn(shape), torch.randn(shape) * 0.5
+    (a, base_a), (b, base_b) = _both_directions(model, x, x0)
+    torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(base_b, base_a, rtol=1e-12, atol=1e-12)
+    whole = deeplift(model, x, x0)  # few rows: the problem's taped first forward is the recording
+    torch.testing.assert_close(whole.attributions, a, rtol=1e-9, atol=1e-10)
+
+
+def test_a_few_rows_take_one_forward_less():
+    """Up to PROBE_ROWS examples, the problem's first forward at x, taped, is the recording: one
+    forward at x and one at the reference. More rows: a recording per chunk."""
+    from .models import CallCounter
+
+    torch.manual_seed(0)
+    model = CallCounter(MLP())
+    x, x0 = torch.randn(3, 6), torch.randn(3, 6) * 0.5
+    small = deeplift(model, x, x0)
+    assert model.calls == [3, 3]
+    model.calls.clear()
+    x, x0 = torch.randn(9, 6), torch.randn(9, 6) * 0.5
+    r = deeplift(model, x, x0)
+    assert model.calls == [9, 4, 4, 5, 5]  # untaped first forward, then (record, replay) per chunk
+    assert_conserves(small)
+    assert_conserves(r)
+    model.calls.clear()
+    r1 = deeplift(model, x[:3], x0[:3], rule="reveal_cancel")  # records at the reference itself
+    assert model.calls == [3, 3, 3]
+    assert_conserves(r1)

@@ -188,3 +188,26 @@ def test_run_chunked_rejects_bad_batch_size_and_retries_oom(monkeypatch: pytest.
     assert sum(seen) == 7 and max(seen) <= 2
     with pytest.raises(FakeOOM):  # on CPU nothing is retried
         run_chunked(7, work, batch_size=8)
+
+
+class InPlaceOnInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.relu_()
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("method", ["saliency", "integrated_gradients", "deeplift", "epsilon_lrp",
+                                    "occlusion", "shapley_sampling"])
+def test_a_model_working_in_place_on_its_input_leaves_the_callers_x_alone(method):
+    torch.manual_seed(0)
+    model = InPlaceOnInput().eval()
+    x = torch.randn(3, 4)
+    before = x.clone()
+    r = nbattr.attribute(model, x, method=method)
+    assert torch.equal(x, before)
+    assert torch.equal(r.inputs, before)
+    torch.testing.assert_close(r.outputs, model(before.clone()).gather(1, r.target[:, None])[:, 0])
