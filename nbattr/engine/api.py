@@ -46,10 +46,11 @@ def attribute(
         result then carries a K axis after N (``attributions (N, K, ...)``, ``target``,
         ``outputs``, ``baseline_outputs``, ``delta (N, K)``, ``path_outputs (S, N, K)``);
         ``r.for_target(j)`` / ``r.split()`` give ordinary single-target results. saliency,
-        gradient_x_input, integrated_gradients, interior_gradients and smoothgrad run ONE
-        forward per point and K backward passes (batched with ``is_grads_batched`` on CUDA,
-        see ``engine.problem.BATCHED_BACKWARD_DEVICES``); other
-        methods run once per target (correct, not faster; ``params["targets"]`` says which).
+        gradient_x_input, integrated_gradients, interior_gradients, smoothgrad, deeplift and
+        epsilon_lrp run ONE forward per point and K backward passes (batched with
+        ``is_grads_batched`` on CUDA, see ``engine.problem.BATCHED_BACKWARD_DEVICES``); occlusion
+        and shapley_sampling run once per target (correct, not faster; ``params["targets"]``
+        says which).
     baseline : ``"zeros"``, a number, ``"blur"``, ``"uniform"``, ``"mean"``, a tensor broadcastable
         to x, or a callable ``x -> tensor``. With ``layer``, it applies to the layer's output.
     steps, rule : path points and quadrature rule for path methods (see ``nbattr.engine.paths``);

@@ -1392,6 +1392,10 @@ def _modified_gradient(p: Problem, method: str, multiplier: Multiplier, *, refer
     """Chunked passes: the modified gradient, the reference scores (if ``reference``) and the
     operations without a rule (calls per forward, max over chunks).
 
+    The multipliers do not depend on the target: with several targets per example (``p.multi``)
+    one recording and one forward serve all K, followed by K backward passes, and the gradient is
+    ``(N, K, ...)``.
+
     The gradient is taken at ``p.inputs`` after a recording at the references; with
     ``at_reference`` the roles swap: the recording is at the inputs and the gradient at the
     references. Rescale's multipliers, the product splits and the composites' shared constants are
@@ -1399,10 +1403,11 @@ def _modified_gradient(p: Problem, method: str, multiplier: Multiplier, *, refer
     the problem's own first forward at the inputs, taped (:attr:`Problem.first_tape`), serve as
     the recording of a chunk that covers every row, which saves one forward pass.
     """
-    grads = torch.empty_like(p.inputs)
+    shape = (p.n, p.k, *p.inputs.shape[1:]) if p.multi else tuple(p.inputs.shape)
+    grads = torch.empty(shape, dtype=p.inputs.dtype, device=p.device)
     base_out = torch.empty_like(p.outputs) if reference else None
     unsupported: dict[str, int] = {}
-    row_bytes = 3 * p.inputs[0].numel() * p.inputs.element_size()
+    row_bytes = (2 + p.k) * p.inputs[0].numel() * p.inputs.element_size()
     recorded, replayed = (p.inputs, p.baselines) if at_reference else (p.baselines, p.inputs)
 
     def work(sl: slice) -> None:
@@ -1506,8 +1511,9 @@ def deeplift(p: Problem, *, strict: bool = False, rule: str = "rescale") -> obje
         grads, base_out, unsupported = _modified_gradient(p, "deeplift", _rescale_multiplier,
                                                           reference=True, strict=strict, at_reference=True)
     _warn_unsupported("deeplift", unsupported, "completeness may not hold")
+    diff = p.inputs - p.baselines
     return p.result(
-        "deeplift", (p.inputs - p.baselines) * grads, completeness=True, uses_baseline=True,
+        "deeplift", (diff.unsqueeze(1) if p.multi else diff) * grads, completeness=True, uses_baseline=True,
         baseline_outputs=base_out,
         params={"rule": rule, "strict": strict, "unsupported": list(unsupported),
                 "unrolled": p.stats.get("unrolled", []), **rule_params},
@@ -1516,6 +1522,7 @@ def deeplift(p: Problem, *, strict: bool = False, rule: str = "rescale") -> obje
 
 
 deeplift.record_first_forward = record_first_forward  # type: ignore[attr-defined]
+deeplift.multi_target = True  # type: ignore[attr-defined]  # one forward per pass, K backward
 
 
 @register(
@@ -1546,8 +1553,11 @@ def epsilon_lrp(p: Problem, *, epsilon: float = 1e-9, strict: bool = False) -> o
                                                reference=False, strict=strict)
     _warn_unsupported("epsilon_lrp", unsupported, "relevance may not be conserved")
     return p.result(
-        "epsilon_lrp", p.inputs * grads,
+        "epsilon_lrp", (p.inputs.unsqueeze(1) if p.multi else p.inputs) * grads,
         params={"epsilon": float(epsilon), "strict": strict, "unsupported": list(unsupported),
                 "unrolled": p.stats.get("unrolled", [])},
         unsupported=unsupported,
     )
+
+
+epsilon_lrp.multi_target = True  # type: ignore[attr-defined]

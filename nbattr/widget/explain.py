@@ -68,8 +68,8 @@ class Explain(anywidget.AnyWidget):
     prefetch : after the chosen (method, baseline, target, steps) is computed and shown, compute the
         other top-k classes in the background in ONE multi-target engine call, so that clicking
         another top class is a cache hit. Only for methods with a native multi-target path
-        (saliency, gradient_x_input, integrated_gradients, interior_gradients, smoothgrad: one
-        forward per point and K backward passes); not in compare mode. A plain attribute:
+        (saliency, gradient_x_input, integrated_gradients, interior_gradients, smoothgrad,
+        deeplift, epsilon_lrp: one forward per point and K backward passes); not in compare mode. A plain attribute:
         ``w.prefetch = False`` turns it off later.
     prefetch_after : skip the prefetch when the chosen view took longer than this many seconds to
         compute (None: always prefetch). A request made while a prefetch runs waits for it at

@@ -14,15 +14,18 @@ from .models import CallCounter, cnn, mlp, text
 
 pytestmark = pytest.mark.usefixtures("float64")
 
-NATIVE = ("saliency", "gradient_x_input", "integrated_gradients", "interior_gradients", "smoothgrad")
-LOOPED = ("deeplift", "epsilon_lrp", "occlusion", "shapley_sampling")
+NATIVE = ("saliency", "gradient_x_input", "integrated_gradients", "interior_gradients", "smoothgrad",
+          "deeplift", "deeplift_reveal_cancel", "epsilon_lrp")
+LOOPED = ("occlusion", "shapley_sampling")
 OPTIONS = {
     "integrated_gradients": {"steps": 8, "keep_path": True},
     "interior_gradients": {"steps": 6, "alpha": 0.5},
     "smoothgrad": {"samples": 5},
     "occlusion": {"window": 2},
     "shapley_sampling": {"permutations": 3},
+    "deeplift_reveal_cancel": {"rule": "reveal_cancel"},
 }
+ALIASES = {"deeplift_reveal_cancel": "deeplift"}
 PER_EXAMPLE = ("attributions", "target", "outputs", "baseline_outputs", "delta")
 
 
@@ -37,12 +40,11 @@ def _same(multi: Attribution, single: Attribution, j: int) -> None:
 
 @pytest.mark.parametrize("method", NATIVE + LOOPED)
 def test_multi_target_equals_one_run_per_target(method: str) -> None:
-    if method not in nbattr.methods():
-        pytest.skip(f"{method} is not registered")
+    opts = OPTIONS.get(method, {})
+    method = ALIASES.get(method, method)
     m = mlp(3, act=nn.Tanh)
     x = torch.randn(3, 6)
     targets = torch.tensor([[0, 2], [1, 1], [3, 0]])
-    opts = OPTIONS.get(method, {})
     r = nbattr.attribute(m, x, method=method, target=targets, baseline=0.1, **opts)
     assert r.multi and r.attributions.shape == (3, 2, 6)
     assert torch.equal(r.target, targets)
@@ -52,7 +54,7 @@ def test_multi_target_equals_one_run_per_target(method: str) -> None:
         torch.testing.assert_close(r.delta, r.total() - (r.outputs - r.baseline_outputs))
     if r.path_outputs is not None:
         assert r.path_outputs.shape == (len(r.alphas), 3, 2)
-    expected = "one forward and 2 backward" if method in NATIVE else "one run per target"
+    expected = "one forward and 2 backward" if method not in LOOPED else "one run per target"
     assert expected in r.params["targets"]
     for j in range(2):
         single = nbattr.attribute(m, x, method=method, target=targets[:, j], baseline=0.1, **opts)
@@ -110,6 +112,19 @@ def test_one_forward_per_point_for_all_targets() -> None:
     r = nbattr.attribute(m, x, steps=7, batch_size=1000, target="top4")
     assert r.attributions.shape[1] == 4
     assert sum(m.calls) == single_rows == 2 + 2 + 7 * 2  # x, baselines, then the path: no repeat per target
+
+
+def test_deeplift_takes_the_same_passes_for_all_targets() -> None:
+    """The multipliers do not depend on the target: one recording (the problem's first forward)
+    and one forward at the reference for K targets, then K backward passes."""
+    m = CallCounter(cnn(1))
+    x = torch.randn(2, 3, 16, 16)
+    r = nbattr.attribute(m, x, method="deeplift", target="top4")
+    assert m.calls == [2, 2] and r.attributions.shape == (2, 4, 3, 16, 16)
+    assert r.delta.abs().max() < 1e-10
+    m.calls.clear()
+    nbattr.attribute(m, x, method="epsilon_lrp", target="top4")
+    assert m.calls == [2, 2]
 
 
 def test_multi_target_adaptive_steps_meet_the_tolerance_for_every_target() -> None:

@@ -290,13 +290,24 @@ def test_no_prefetch_for_methods_without_a_native_multi_target_path(cnn, image, 
         return real(*a, **kw)
 
     monkeypatch.setattr(explain_mod, "attribute", spy)
-    w = Explain(cnn, image, methods=["deeplift", "occlusion", "saliency"], method="deeplift")
-    assert not w.prefetchable("deeplift") and not w.prefetchable("occlusion") and w.prefetchable("saliency")
+    w = Explain(cnn, image, methods=["deeplift", "occlusion", "saliency"], method="occlusion")
+    assert not w.prefetchable("occlusion") and not w.prefetchable("shapley_sampling")
+    assert w.prefetchable("saliency") and w.prefetchable("deeplift") and w.prefetchable("epsilon_lrp")
     assert w.wait(30) and w.wait(30, prefetch=True)
     assert w._controller.prefetched == [] and calls == [w.target]
     w.target = w.topk[1]["index"]
     w.wait(30)
     assert w.receipt["cached"] is False and len(w._controller.computed) == 2
+    w.close()
+
+
+def test_deeplift_prefetches_the_other_classes(cnn, image):
+    w = Explain(cnn, image, methods=["deeplift", "saliency"], method="deeplift")
+    assert w.wait(30) and w.wait(30, prefetch=True)
+    assert len(w._controller.prefetched) == len(w.topk) - 1
+    w.target = w.topk[2]["index"]
+    assert w.wait(30)
+    assert w.receipt["target"] == w.topk[2]["index"] and w.receipt["cached"] is True
     w.close()
 
 
