@@ -394,10 +394,17 @@ EXACT_SECANT_OPS: frozenset[str] = frozenset({
 Multiplier = Callable[[Tensor, Tensor, "Tensor | None", "Tensor | None", bool], "tuple[Tensor, Tensor | None]"]
 
 
+#: Device types on which reading a value on the host costs nothing (no queue to drain): there a
+#: reduction decides whether a mask is needed at all, and flagged elements are found by index.
+#: Elsewhere masks are built unconditionally and the plain derivative is taken over the whole
+#: tensor: a few cheap kernels, and the host never waits for the device.
+SYNC_FREE_DEVICES = {"cpu"}
+
+
 def _all_finite(m: Tensor) -> bool:
-    """Whether every element of ``m`` is finite, known without a host sync: one reduction on a CPU;
-    on an accelerator False (the caller then builds its mask, a cheap kernel, and never waits)."""
-    return m.device.type == "cpu" and bool(torch.isfinite(m.sum()))
+    """Whether every element of ``m`` is finite, known without waiting for the device: one
+    reduction on :data:`SYNC_FREE_DEVICES`, else False (the caller then builds its mask)."""
+    return m.device.type in SYNC_FREE_DEVICES and bool(torch.isfinite(m.sum()))
 
 
 def _nonfinite(m: Tensor) -> Tensor | None:
@@ -1358,10 +1365,11 @@ class _Replay(TorchFunctionMode):
 
 def _derivative_at(bad: Tensor, m: Tensor, t0: Tensor, call_with: Callable[[Tensor], Any],
                    inplace: bool) -> Tensor:
-    """``m`` with the elementwise derivative of ``call_with`` at ``t0`` where ``bad``. On a CPU from
-    a small graph of the flagged elements only (one index computation; usually few are flagged);
-    on an accelerator over the whole tensor, which costs a few cheap kernels and no host sync."""
-    sparse = m.device.type == "cpu" and m.dim() > 0
+    """``m`` with the elementwise derivative of ``call_with`` at ``t0`` where ``bad``. On
+    :data:`SYNC_FREE_DEVICES` from a small graph of the flagged elements only (one index
+    computation; usually few are flagged); elsewhere over the whole tensor, which costs a few
+    cheap kernels and no host sync."""
+    sparse = m.device.type in SYNC_FREE_DEVICES and m.dim() > 0
     with torch.enable_grad():
         if sparse:
             idx = bad.nonzero(as_tuple=True)

@@ -757,3 +757,39 @@ def test_a_few_rows_take_one_forward_less():
     r1 = deeplift(model, x[:3], x0[:3], rule="reveal_cancel")  # records at the reference itself
     assert model.calls == [3, 3, 3]
     assert_conserves(r1)
+
+
+class OnTheInput(nn.Module):
+    """Nonlinearities applied to the input itself, so that t = t' wherever x = x'."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(12, 3)
+        self.eval()
+
+    def forward(self, x):
+        return self.fc(torch.cat([torch.relu(x), torch.tanh(x).exp()], 1))
+
+
+@pytest.mark.parametrize("arch", ["on_the_input", "maxpool_cnn", "transformer_encoder", "inplace_on_rule_outputs"])
+def test_accelerator_path_without_host_syncs_equals_the_cpu_path(arch, monkeypatch):
+    """On CUDA the masks of flagged elements are built unconditionally and the plain derivative is
+    taken over the whole tensor; run that path here (no device needed) against the CPU path."""
+    torch.manual_seed(4)
+    cls, shape = {**ARCHS, "on_the_input": (OnTheInput, (4, 6))}[arch]
+    model = cls()
+    x = torch.randn(shape)
+    x0 = x.clone()
+    x0.view(-1)[::2] *= 0.5  # the other half equal at both passes
+    flagged = []
+    real = rules._derivative_at
+    monkeypatch.setattr(rules, "_derivative_at", lambda bad, *a: flagged.append(bool(bad.any())) or real(bad, *a))
+    cpu = deeplift(model, x, x0)
+    lr_cpu = lrp(model, x)
+    if arch == "on_the_input":
+        assert flagged and any(flagged)  # the path is taken: this test can fail
+    monkeypatch.setattr(rules, "SYNC_FREE_DEVICES", set())
+    dense = deeplift(model, x, x0)
+    torch.testing.assert_close(dense.attributions, cpu.attributions, rtol=1e-10, atol=1e-12)
+    assert_conserves(dense)
+    torch.testing.assert_close(lrp(model, x).attributions, lr_cpu.attributions, rtol=1e-10, atol=1e-12)
