@@ -969,10 +969,13 @@ def _taped_kind(op: _Op, func: Any, args: tuple, kwargs: dict, leaves: list[Any]
 
 
 def _exact(fused: Tensor, dec: Tensor) -> Tensor:
-    """``dec``'s gradient with the fused operation's value (they differ by rounding only)."""
+    """``dec``'s gradient with the fused operation's value, bit for bit (``fused + 0``): the taped
+    pass computes the fused value too, so a tie (``max(a, a)``, ``t = t'``) seen there is seen here
+    (``dec + (fused - dec)`` would differ from ``fused`` by rounding). Where ``dec`` is infinite
+    (a masked logit) the term is 0 and passes no gradient."""
     if dec.dtype != fused.dtype:
         dec = dec.to(fused.dtype)
-    return dec + torch.nan_to_num((fused - dec).detach(), 0.0, 0.0, 0.0)
+    return fused + torch.nan_to_num(dec - dec.detach(), 0.0, 0.0, 0.0)
 
 
 def _attach(fused: Any, dec: Tensor) -> Any:

@@ -211,3 +211,47 @@ def test_a_model_working_in_place_on_its_input_leaves_the_callers_x_alone(method
     assert torch.equal(x, before)
     assert torch.equal(r.inputs, before)
     torch.testing.assert_close(r.outputs, model(before.clone()).gather(1, r.target[:, None])[:, 0])
+
+
+class ViewsItsInput(nn.Module):
+    """A CNN that flattens a convolution's output with ``view``: impossible on a channels-last
+    tensor (its strides do not allow it), so it needs the usual layout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 5)
+        self.layouts: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.layouts.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        h = torch.relu(self.conv(x))
+        return self.fc(h.view(h.shape[0], -1))
+
+
+@pytest.mark.parametrize("method", ["saliency", "integrated_gradients", "deeplift", "occlusion"])
+def test_images_go_to_the_model_channels_last_with_the_same_result(method, monkeypatch):
+    from nbattr.engine import problem
+
+    model = cnn(0)
+    seen: list[bool] = []
+    model.register_forward_pre_hook(lambda _m, a: seen.append(a[0].is_contiguous(memory_format=torch.channels_last)))
+    x = torch.randn(3, 3, 16, 16)
+    opts = {"steps": 8} if method == "integrated_gradients" else {"window": 2} if method == "occlusion" else {}
+    r = nbattr.attribute(model, x, method=method, **opts)
+    assert r.params.get("channels_last") is True and seen and all(seen)
+    monkeypatch.setattr(problem, "CHANNELS_LAST_DEVICES", set())
+    seen.clear()
+    plain = nbattr.attribute(model, x, method=method, **opts)
+    assert "channels_last" not in plain.params and not any(seen)
+    torch.testing.assert_close(r.attributions, plain.attributions, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(r.outputs, plain.outputs, rtol=1e-12, atol=1e-12)
+
+
+def test_a_model_that_needs_the_usual_layout_gets_it():
+    model = ViewsItsInput().eval()
+    x = torch.randn(2, 3, 8, 8)
+    r = nbattr.attribute(model, x, method="integrated_gradients", steps=6)
+    assert model.layouts[0] and not any(model.layouts[1:])  # tried once, then the usual layout
+    assert "channels_last" not in r.params
+    assert r.delta.abs().max() < 1e-2
