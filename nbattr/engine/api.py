@@ -90,7 +90,7 @@ def attribute(
     record = record(model, opts) if record is not None else None
     with model_guard(model):
         problem = Problem(model, x, target=target, baseline=baseline, layer=layer, batch_size=batch_size,
-                          record=record)
+                          record=record, keep_graph=getattr(info.fn, "keep_first_graph", False))
         if not problem.multi:
             return info.fn(problem, **opts)
         if getattr(info.fn, "multi_target", False):

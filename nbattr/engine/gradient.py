@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .errors import InputError
 from .paths import clenshaw_curtis, quadrature
-from .problem import Problem
+from .problem import Problem, score_gradient
 from .registry import register
 
 
@@ -45,6 +45,9 @@ def _grad_shape(p: Problem) -> tuple[int, ...]:
 
 
 def _plain_gradient(p: Problem) -> Tensor:
+    first = p.take_first_graph()  # a few examples: the problem's first forward kept its graph
+    if first is not None:
+        return score_gradient(first[1], first[0])
     grads = torch.empty(_grad_shape(p), dtype=p.inputs.dtype, device=p.device)
 
     def points(idx: Tensor) -> tuple[Tensor, Tensor]:
@@ -64,6 +67,9 @@ def saliency(p: Problem, *, abs: bool = True) -> object:  # noqa: A002 - the opt
     return p.result("saliency", g.abs() if abs else g, params={"abs": abs})
 
 
+saliency.keep_first_graph = True  # type: ignore[attr-defined]  # see Problem.first_graph
+
+
 @register(
     "gradient_x_input",
     "Input-layer gradient times the input (Shrikumar et al. 2016; Ancona et al. 2018).",
@@ -72,6 +78,9 @@ def saliency(p: Problem, *, abs: bool = True) -> object:  # noqa: A002 - the opt
 @_multi_target
 def gradient_x_input(p: Problem) -> object:
     return p.result("gradient_x_input", _plain_gradient(p) * _per_target(p, p.inputs))
+
+
+gradient_x_input.keep_first_graph = True  # type: ignore[attr-defined]
 
 
 class PathPass:

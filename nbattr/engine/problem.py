@@ -172,6 +172,7 @@ class Problem:
         layer: nn.Module | None = None,
         batch_size: BatchSize = "auto",
         record: Callable[[], Any] | None = None,
+        keep_graph: bool = False,
     ) -> None:
         if not callable(model):
             raise InputError(f"model must be an nn.Module or a callable, got {type(model).__name__}")
@@ -197,6 +198,11 @@ class Problem:
         #: ``batch_size="auto"`` only for at most ``PROBE_ROWS`` examples (one chunk, whose
         #: recording a method may then reuse; more rows would keep all their activations)
         self.first_tape: Any = None
+        self._keep_graph = keep_graph
+        #: ``(leaf, output)`` of the first forward at ``x`` run with grad (``keep_graph``, at most
+        #: ``PROBE_ROWS`` examples with ``batch_size="auto"``, input attribution): the gradient at
+        #: ``x`` then needs no second forward (see :meth:`take_first_graph`)
+        self.first_graph: tuple[Tensor, Tensor] | None = None
         self.device = model_device(model, x.device)
         self.batch_size = batch_size
         self.stats: dict[str, Any] = {}
@@ -275,10 +281,16 @@ class Problem:
     def _first_forward_as(self, x: Tensor, layout: torch.memory_format) -> tuple[Tensor, Tensor]:
         rows = PROBE_ROWS if self.batch_size == "auto" else self.batch_size
         mode = self._record() if self._record is not None and x.shape[0] <= rows else None
-        self.first_tape = None
+        self.first_tape = self.first_graph = None
         with torch.no_grad():
             if self.layer is None:
                 # a copy: a model may work in place on its input, and x (the caller's data) stays
+                if self._keep_graph and mode is None and x.shape[0] <= rows:
+                    leaf = x.detach().clone().requires_grad_(True)
+                    with torch.enable_grad():
+                        out = self.model(leaf.clone(memory_format=layout))
+                    self.first_graph = (leaf, out)
+                    return out.detach(), x
                 z = x.clone(memory_format=layout)
                 if mode is None:
                     return self.model(z), x
@@ -418,6 +430,16 @@ class Problem:
                 out = self.model(self.x[rows])
         self._check_output(out, z.shape[0])
         return out
+
+    def take_first_graph(self) -> tuple[Tensor, Tensor] | None:
+        """The first forward's ``(leaf, scores)`` when it kept its graph (see :attr:`first_graph`),
+        once: the target scores at ``x`` ready for one backward pass."""
+        graph, self.first_graph = self.first_graph, None
+        if graph is None:
+            return None
+        leaf, out = graph
+        self.stats["chunks"] = [self.n]
+        return leaf, self.select(out, self.target)
 
     def forward(self, z: Tensor, rows: Tensor) -> Tensor:
         """``(M,)`` target scores at points ``z`` (M rows) belonging to examples ``rows``."""

@@ -255,3 +255,24 @@ def test_a_model_that_needs_the_usual_layout_gets_it():
     assert model.layouts[0] and not any(model.layouts[1:])  # tried once, then the usual layout
     assert "channels_last" not in r.params
     assert r.delta.abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("method", ["saliency", "gradient_x_input"])
+def test_a_few_rows_take_one_forward_for_the_gradient_at_x(method):
+    """Up to PROBE_ROWS examples the problem's first forward keeps its graph: one forward and one
+    backward in all, and the same result as the chunked pass."""
+    from .models import CallCounter
+
+    model = CallCounter(cnn(1))
+    x = torch.randn(3, 3, 16, 16)
+    r = nbattr.attribute(model, x, method=method, target="top2")
+    assert model.calls == [3]
+    model.calls.clear()
+    chunked = nbattr.attribute(model, x, method=method, target="top2", batch_size=1)
+    assert model.calls == [3, 1, 1, 1]  # untaped first forward, then one chunk per row
+    torch.testing.assert_close(r.attributions, chunked.attributions, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(r.outputs, chunked.outputs, rtol=1e-12, atol=1e-14)
+    assert r.params["chunks"] == [3]
+    model.calls.clear()
+    nbattr.attribute(model, torch.randn(9, 3, 16, 16), method=method)
+    assert model.calls == [9, 4, 5]  # more rows: the first forward keeps no graph
