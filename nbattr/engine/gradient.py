@@ -21,7 +21,7 @@ from torch import Tensor
 from .errors import InputError
 from .paths import clenshaw_curtis, quadrature
 from .problem import Problem, score_gradient
-from .registry import register
+from .registry import multi_target, register
 
 
 def _per_target(p: Problem, t: Tensor) -> Tensor:
@@ -32,12 +32,6 @@ def _per_target(p: Problem, t: Tensor) -> Tensor:
 def _col(v: Tensor, like: Tensor) -> Tensor:
     """A ``(M,)`` vector shaped to broadcast against ``like`` ``(M, ...)``."""
     return v.view(-1, *([1] * (like.dim() - 1)))
-
-
-def _multi_target(fn: Callable[..., object]) -> Callable[..., object]:
-    """Mark a method as computing several targets per example natively (api.py loops otherwise)."""
-    fn.multi_target = True  # type: ignore[attr-defined]
-    return fn
 
 
 def _grad_shape(p: Problem) -> tuple[int, ...]:
@@ -61,7 +55,7 @@ def _plain_gradient(p: Problem) -> Tensor:
 
 
 @register("saliency", "Absolute gradient of the target score (Simonyan et al. 2014); abs=False keeps the sign.")
-@_multi_target
+@multi_target
 def saliency(p: Problem, *, abs: bool = True) -> object:  # noqa: A002 - the option's public name
     g = _plain_gradient(p)
     return p.result("saliency", g.abs() if abs else g, params={"abs": abs})
@@ -75,7 +69,7 @@ saliency.keep_first_graph = True  # type: ignore[attr-defined]  # see Problem.fi
     "Input-layer gradient times the input (Shrikumar et al. 2016; Ancona et al. 2018).",
     multiplies_by_inputs=True,
 )
-@_multi_target
+@multi_target
 def gradient_x_input(p: Problem) -> object:
     return p.result("gradient_x_input", _plain_gradient(p) * _per_target(p, p.inputs))
 
@@ -412,7 +406,7 @@ def _check_auto_options(steps: int | str, tol: float | None, max_steps: int | No
     "(x - x') times the path integral of the gradient along x' + a(x - x') (Sundararajan et al. 2017).",
     completeness=True, needs_baseline=True, multiplies_by_inputs=True, path=True,
 )
-@_multi_target
+@multi_target
 def integrated_gradients(p: Problem, *, steps: int | str = 50, rule: str = "gauss_legendre",
                          keep_path: bool = False, path: Callable[[Tensor], Tensor] | None = None,
                          tol: float | None = None, max_steps: int | None = None) -> object:
@@ -483,7 +477,7 @@ def integrated_gradients(p: Problem, *, steps: int | str = 50, rule: str = "gaus
     "shows saturation.",
     needs_baseline=True, path=True,
 )
-@_multi_target
+@multi_target
 def interior_gradients(p: Problem, *, steps: int = 50, rule: str = "gauss_legendre", alpha: float = 1.0,
                        multiply_by_inputs: bool = True) -> object:
     """Path gradients at every node of ``rule`` plus ``alpha``; ``attributions`` is the interior
@@ -520,7 +514,7 @@ SMOOTHGRAD_VARIANTS = ("smoothgrad", "smoothgrad_sq", "vargrad")
     "smoothgrad",
     "Gradients averaged over noisy copies of x (Smilkov et al. 2017); variants smoothgrad_sq, vargrad.",
 )
-@_multi_target
+@multi_target
 def smoothgrad(p: Problem, *, samples: int = 50, noise_level: float = 0.15, variant: str = "smoothgrad",
                multiply_by_inputs: bool = False, seed: int = 0) -> object:
     """``noise_level`` is the noise's standard deviation as a fraction of each example's range."""

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import re
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,9 +41,21 @@ BATCHED_BACKWARD_DEVICES = {"cuda"}
 #: oneDNN's convolutions then run without layout conversions. Measured on 2 CPU cores, forward +
 #: backward: 0.87x the time on a small CNN, 0.73x on EfficientNet-Lite0; IG (32 steps) 0.74-0.81x,
 #: SmoothGrad 0.69-0.77x. A model that cannot take such an input (``x.view(n, -1)`` on it, or on a
-#: convolution's output) is detected by the first forward, which is then run again, and every later
-#: call, with the usual layout. Not yet on CUDA: unmeasured there.
+#: convolution's output) is detected by the first forward, which is then run again with the usual
+#: layout, as is every later call on that model (:data:`_USUAL_LAYOUT`). Not yet on CUDA:
+#: unmeasured there.
 CHANNELS_LAST_DEVICES = {"cpu"}
+
+#: models that failed on a channels-last input and ran with the usual layout: not tried again
+#: (the widget calls the engine on the same model many times)
+_USUAL_LAYOUT: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _known_usual_layout(model: Any) -> bool:
+    try:
+        return model in _USUAL_LAYOUT
+    except TypeError:  # not weakly referenceable
+        return False
 
 
 def model_device(model: Any, fallback: torch.device) -> torch.device:
@@ -268,24 +281,27 @@ class Problem:
         first for an image batch, and if the model fails on it, the usual layout decides."""
         self._shared["channels_last"] = False
         if (self.layer is None and x.dim() == 4 and x.is_floating_point()
-                and self.device.type in CHANNELS_LAST_DEVICES):
+                and self.device.type in CHANNELS_LAST_DEVICES and not _known_usual_layout(self.model)):
             try:
                 result = self._first_forward_as(x, torch.channels_last)
             except Exception:  # noqa: BLE001 - the model needs the usual layout (or fails anyway)
-                pass
-            else:
-                self._shared["channels_last"] = True
+                result = self._first_forward_as(x, torch.preserve_format)
+                with contextlib.suppress(TypeError):  # a callable that takes no weak reference
+                    _USUAL_LAYOUT.add(self.model)
                 return result
+            self._shared["channels_last"] = True
+            return result
         return self._first_forward_as(x, torch.preserve_format)
 
     def _first_forward_as(self, x: Tensor, layout: torch.memory_format) -> tuple[Tensor, Tensor]:
-        rows = PROBE_ROWS if self.batch_size == "auto" else self.batch_size
-        mode = self._record() if self._record is not None and x.shape[0] <= rows else None
+        # one chunk's worth of rows: the first forward may keep what a method will reuse
+        few = x.shape[0] <= (PROBE_ROWS if self.batch_size == "auto" else self.batch_size)
+        mode = self._record() if self._record is not None and few else None
         self.first_tape = self.first_graph = None
         with torch.no_grad():
             if self.layer is None:
                 # a copy: a model may work in place on its input, and x (the caller's data) stays
-                if self._keep_graph and mode is None and x.shape[0] <= rows:
+                if self._keep_graph and mode is None and few:
                     leaf = x.detach().clone().requires_grad_(True)
                     with torch.enable_grad():
                         out = self.model(leaf.clone(memory_format=layout))

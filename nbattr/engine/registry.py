@@ -73,6 +73,14 @@ def register(
     return deco
 
 
+def multi_target(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a method as computing several targets per example natively (one forward per point and
+    K backward passes): :func:`nbattr.attribute` loops over the targets otherwise, and the widget
+    prefetches the other top classes only for such methods."""
+    fn.multi_target = True  # type: ignore[attr-defined]
+    return fn
+
+
 def get(name: str) -> MethodInfo:
     _load_builtin()
     try:

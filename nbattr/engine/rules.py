@@ -166,7 +166,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .batching import run_chunked
 from .errors import InputError, UnsupportedOperationError
 from .problem import Problem, score_gradient
-from .registry import register
+from .registry import multi_target, register
 from .rnn import unrolled_rnns
 
 # -- operation tables ---------------------------------------------------------------------------
@@ -1494,6 +1494,7 @@ def _warn_unsupported(method: str, unsupported: dict[str, int], consequence: str
     "rule='rescale' (default) or 'reveal_cancel' (positive and negative terms apart).",
     completeness=True, needs_baseline=True, multiplies_by_inputs=True,
 )
+@multi_target  # the multipliers do not depend on the target: one pair of passes, K backward
 def deeplift(p: Problem, *, strict: bool = False, rule: str = "rescale") -> object:
     """DeepLIFT with the Rescale or the RevealCancel rule, the reference being the baseline.
 
@@ -1533,7 +1534,6 @@ def deeplift(p: Problem, *, strict: bool = False, rule: str = "rescale") -> obje
 
 
 deeplift.record_first_forward = record_first_forward  # type: ignore[attr-defined]
-deeplift.multi_target = True  # type: ignore[attr-defined]  # one forward per pass, K backward
 
 
 @register(
@@ -1542,6 +1542,7 @@ deeplift.multi_target = True  # type: ignore[attr-defined]  # one forward per pa
     "at every nonlinearity.",
     multiplies_by_inputs=True,
 )
+@multi_target
 def epsilon_lrp(p: Problem, *, epsilon: float = 1e-9, strict: bool = False) -> object:
     """ε-LRP: ``x * g`` where ``g`` is the gradient with every nonlinearity's derivative replaced
     by ``f(z) / (z + ε sign(z))``.
@@ -1569,6 +1570,3 @@ def epsilon_lrp(p: Problem, *, epsilon: float = 1e-9, strict: bool = False) -> o
                 "unrolled": p.stats.get("unrolled", [])},
         unsupported=unsupported,
     )
-
-
-epsilon_lrp.multi_target = True  # type: ignore[attr-defined]

@@ -255,6 +255,9 @@ def test_a_model_that_needs_the_usual_layout_gets_it():
     assert model.layouts[0] and not any(model.layouts[1:])  # tried once, then the usual layout
     assert "channels_last" not in r.params
     assert r.delta.abs().max() < 1e-2
+    model.layouts.clear()
+    nbattr.attribute(model, x, method="saliency")
+    assert model.layouts and not any(model.layouts)  # remembered: not tried again on this model
 
 
 @pytest.mark.parametrize("method", ["saliency", "gradient_x_input"])
