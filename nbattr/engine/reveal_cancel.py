@@ -83,7 +83,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten
 
 from .errors import InputError
 from .rules import (
@@ -93,6 +93,8 @@ from .rules import (
     _Recorder,
     _Replay,
     _writes_input,
+    flatten_call,
+    unflatten_call,
 )
 
 #: Linear operations whose output starts a RevealCancel split (one varying operand, a constant
@@ -207,7 +209,7 @@ class _RevealCancelRecorder(_Recorder):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if _op_name(func).name in START_OPS:
-            leaves, _ = tree_flatten((args, kwargs))
+            leaves, _ = flatten_call(args, kwargs)
             self.tape.linear.append(_LinearEntry(_op_name(func).name, [_keep(v) for v in leaves]))
         return super().__torch_function__(func, types, args, kwargs)
 
@@ -303,14 +305,14 @@ class _RevealCancelReplay(_Replay):
         kwargs = kwargs or {}
         op = _op_name(func)
         if op.name in START_OPS:
-            leaves, spec = tree_flatten((args, kwargs))
+            leaves, spec = flatten_call(args, kwargs)
             entry = self._next_linear(op.name, leaves)
             out = super().__torch_function__(func, types, args, kwargs)
             if torch.is_grad_enabled() and not op.inplace and isinstance(out, Tensor) and out.requires_grad:
                 self._start(func, op.name, args, kwargs, leaves, spec, entry, out)
             return out
         if self.splits and (op.name in AFFINE_OPS or op.name in STRUCTURAL_OPS):
-            leaves, spec = tree_flatten((args, kwargs))
+            leaves, spec = flatten_call(args, kwargs)
             varying = [i for i, v in enumerate(leaves) if isinstance(v, Tensor) and v.requires_grad]
             splits = [self._lookup(leaves[i]) for i in varying]
             out = super().__torch_function__(func, types, args, kwargs)
@@ -358,7 +360,7 @@ class _RevealCancelReplay(_Replay):
             new[i], new[w] = v, wt
             for k in zeroed:
                 new[k] = torch.zeros_like(leaves[k])
-            a, kw = tree_unflatten(new, spec)
+            a, kw = unflatten_call(new, spec)
             return func(*a, **kw)
 
         dz = z - z_ref
@@ -447,7 +449,7 @@ class _RevealCancelReplay(_Replay):
             for i, sp in zip(varying, splits, strict=True):
                 assert sp is not None
                 new[i] = getattr(sp, part)
-            a, kw = tree_unflatten(new, spec)
+            a, kw = unflatten_call(new, spec)
             return func(*a, **kw)
 
         try:

@@ -253,7 +253,7 @@ ALIASES: dict[str, str] = {
     "special_exp2": "exp2", "special_expm1": "expm1", "special_log1p": "log1p",
     "special_erf": "erf", "clip": "clamp", "absolute": "abs", "divide": "div",
     "true_divide": "div", "multiply": "mul", "subtract": "sub", "negative": "neg",
-    "arctan": "atan", "arcsinh": "asinh",
+    "arctan": "atan", "arcsinh": "asinh", "_threshold": "threshold",
 }
 
 #: Products: bilinear operations of two operands. When BOTH depend on the input, DeepLIFT gives
@@ -342,8 +342,33 @@ def _writes_input(func: Any, op: _Op, args: tuple, kwargs: dict) -> bool:
     return bool(_bound_argument(func, args, kwargs, None, "inplace", False))
 
 
+_CONTAINERS = (tuple, list, dict)
+
+
+def flatten_call(args: tuple, kwargs: dict) -> tuple[list[Any], Any]:
+    """``tree_flatten((args, kwargs))``, fast for the usual call (no containers among the
+    arguments: a conv, an activation, an addition), where pytree's generic walk is most of the
+    mode's cost per call. Its spec goes back to :func:`unflatten_call`."""
+    if not any(isinstance(v, _CONTAINERS) for v in args) and not any(
+            isinstance(v, _CONTAINERS) for v in kwargs.values()):
+        return [*args, *kwargs.values()], (len(args), tuple(kwargs))
+    return tree_flatten((args, kwargs))
+
+
+def unflatten_call(leaves: list[Any], spec: Any) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` from leaves and a :func:`flatten_call` spec."""
+    if isinstance(spec, tuple):
+        n, keys = spec
+        return tuple(leaves[:n]), dict(zip(keys, leaves[n:], strict=True))
+    return tree_unflatten(leaves, spec)
+
+
+def _leaves(out: Any) -> list[Any]:
+    return [out] if isinstance(out, Tensor) else tree_flatten(out)[0]
+
+
 def _requires_grad(out: Any) -> bool:
-    leaves, _ = tree_flatten(out)
+    leaves = _leaves(out)
     return any(isinstance(v, Tensor) and v.requires_grad for v in leaves)
 
 
@@ -387,6 +412,57 @@ EXACT_SECANT_OPS: frozenset[str] = frozenset({
     "relu", "relu6", "hardtanh", "threshold", "hardshrink", "clamp", "clamp_min", "clamp_max",
     "abs", "maximum", "minimum", "fmax", "fmin",
 })
+
+def _clamp_derivative(lo: Any, hi: Any, strict: bool) -> Callable[[Tensor], Tensor]:
+    """The derivative of a clamp to ``[lo, hi]`` (None: unbounded) as PyTorch's autograd defines
+    it: 1 inside, 0 outside, and at a bound 0 when ``strict`` (hardtanh, relu) else 1 (clamp)."""
+
+    def derivative(t: Tensor) -> Tensor:
+        if strict and lo is not None and hi is not None:  # hardtanh's own fused kernel, one pass
+            return torch.ops.aten.hardtanh_backward(torch.ones((), dtype=t.dtype, device=t.device)
+                                                    .expand_as(t), t, lo, hi)
+        inside = None
+        for bound, cmp in ((lo, torch.gt if strict else torch.ge), (hi, torch.lt if strict else torch.le)):
+            if bound is not None:
+                c = cmp(t, bound)
+                inside = c if inside is None else inside.logical_and_(c)
+        return torch.ones_like(t) if inside is None else inside.to(t.dtype)
+
+    return derivative
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _known_derivative(func: Any, op: _Op, args: tuple, kwargs: dict) -> Callable[[Tensor], Tensor] | None:
+    """For the clamp-like :data:`EXACT_SECANT_OPS` with number arguments: a function computing
+    the op's derivative (with PyTorch's convention at the kinks) in one or two elementwise passes,
+    without running the op and its backward; None for any other call."""
+    name = op.name
+    if name == "relu":
+        return _clamp_derivative(0, None, True)
+    if name == "relu6":
+        return _clamp_derivative(0, 6, True)
+    if name == "hardtanh":
+        lo = _bound_argument(func, args, kwargs, 1, "min_val", -1.0)
+        hi = _bound_argument(func, args, kwargs, 2, "max_val", 1.0)
+        return _clamp_derivative(lo, hi, True) if _number(lo) and _number(hi) else None
+    if name == "threshold":
+        th = _bound_argument(func, args, kwargs, 1, "threshold", None)
+        return _clamp_derivative(th, None, True) if _number(th) else None
+    if name in ("clamp", "clamp_min", "clamp_max"):
+        lo = hi = None
+        if name in ("clamp", "clamp_min"):
+            lo = _bound_argument(func, args, kwargs, 1, "min", None)
+        if name == "clamp":
+            hi = _bound_argument(func, args, kwargs, 2, "max", None)
+        elif name == "clamp_max":
+            hi = _bound_argument(func, args, kwargs, 1, "max", None)
+        if all(v is None or _number(v) for v in (lo, hi)) and (lo, hi) != (None, None):
+            return _clamp_derivative(lo, hi, False)
+    return None
+
 
 #: ``multiplier(t, y, t_ref, y_ref, exact) -> (m, bad)``: the multiplier of ``y = f(t)`` and where
 #: (None: nowhere) the plain derivative must replace it; ``m`` may hold anything at ``bad``.
@@ -1085,7 +1161,7 @@ class _Recorder(TorchFunctionMode):
             self._protect(written)
         if op.name not in TAPED_OPS:
             return func(*args, **kwargs)
-        leaves, _ = tree_flatten((args, kwargs))
+        leaves, _ = flatten_call(args, kwargs)
         kind = _taped_kind(op, func, args, kwargs, leaves)
         if kind is None:
             return func(*args, **kwargs)
@@ -1184,7 +1260,7 @@ class _Replay(TorchFunctionMode):
         if op.name in TRANSPARENT_OPS:
             with self:
                 return _transparent(func)(*args, **kwargs)
-        leaves, spec = tree_flatten((args, kwargs))
+        leaves, spec = flatten_call(args, kwargs)
         kind = _taped_kind(op, func, args, kwargs, leaves) if op.name in TAPED_OPS else None
         entry = self._next_entry(op, leaves) if kind is not None and self.tape is not None else None
         if not torch.is_grad_enabled():
@@ -1213,7 +1289,7 @@ class _Replay(TorchFunctionMode):
         elif not _is_linear(func, op, args, kwargs, [leaves[i] for i in varying]):
             self._report(op.name)
         elif self.gates is not None and all(self._is_gate(leaves[i]) for i in varying):
-            for v in tree_flatten(out)[0]:
+            for v in _leaves(out):
                 self.mark_gate(v)
         return out
 
@@ -1230,7 +1306,7 @@ class _Replay(TorchFunctionMode):
         if self.tape is not None:
             assert entry is not None
             ref_leaves = [r if isinstance(v, Tensor) else v for r, v in zip(entry.leaves, leaves, strict=True)]
-            ref_args, ref_kwargs = tree_unflatten(ref_leaves, spec)
+            ref_args, ref_kwargs = unflatten_call(ref_leaves, spec)
             ref_parsed = comp.parse(func, ref_args, ref_kwargs)
             shared = comp.prepare(parsed, ref_parsed) if comp.prepare else None
             rec = _Recorder()
@@ -1263,7 +1339,7 @@ class _Replay(TorchFunctionMode):
         def call(va: Tensor, vb: Tensor) -> Tensor:
             new = list(leaves)
             new[i], new[j] = va, vb
-            x, k = tree_unflatten(new, spec)
+            x, k = unflatten_call(new, spec)
             return func(*x, **k)
 
         a0, b0 = a.detach(), b.detach()
@@ -1313,7 +1389,7 @@ class _Replay(TorchFunctionMode):
         def call_with(v: Tensor) -> Any:
             new = list(leaves)
             new[i] = v
-            a, k = tree_unflatten(new, spec)
+            a, k = unflatten_call(new, spec)
             return func(*a, **k)
 
         t0 = t.detach()
@@ -1350,7 +1426,11 @@ class _Replay(TorchFunctionMode):
         if bad is not None:
             if m.shape == t0.shape and sum(isinstance(v, Tensor) for v in leaves) == 1:
                 # Elementwise with scalar arguments: the plain derivative where flagged.
-                m = _derivative_at(bad, m, t0, call_with, inplace)
+                known = _known_derivative(func, op, args, kwargs)
+                if known is not None:  # clamp-like: where t = t' is common (both sides clamped
+                    m = torch.where(bad, known(t0).to(m.dtype), m, out=m)  # upstream): dense
+                else:
+                    m = _derivative_at(bad, m, t0, call_with, inplace)
             else:  # a broadcast argument: the plain call's own graph where flagged (below)
                 m.masked_fill_(bad, 0.0)
                 plain = bool(bad.any())

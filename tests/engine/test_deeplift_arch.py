@@ -771,6 +771,61 @@ class OnTheInput(nn.Module):
         return self.fc(torch.cat([torch.relu(x), torch.tanh(x).exp()], 1))
 
 
+class OnADifference(nn.Module):
+    """``f(x0 - x1)``: moving both inputs by the same amount leaves ``t = x0 - x1`` unchanged, so
+    the multiplier of ``f`` at ``t = t'`` reaches the attributions: ``(-c m, c m)``."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x[:, :1] - x[:, 1:])
+
+
+KINKED = {
+    "relu": torch.relu,
+    "relu_inplace": lambda t: F.relu(t, inplace=True),
+    "relu6": F.relu6,
+    "ReLU6": nn.ReLU6(),
+    "hardtanh": lambda t: F.hardtanh(t, -0.5, 2.0),
+    "hardtanh_kw": lambda t: F.hardtanh(t, min_val=-0.5, max_val=2.0),
+    "threshold": lambda t: F.threshold(t, 0.5, -3.0),
+    "clamp": lambda t: torch.clamp(t, -0.5, 2.0),
+    "clamp_kw_min": lambda t: t.clamp(min=0.5),
+    "clamp_max": lambda t: torch.clamp_max(t, 0.5),
+    "clamp_min_": lambda t: t.clone().clamp_min_(-0.5),
+    "clip": lambda t: torch.clip(t, max=2.0),
+}
+
+
+@pytest.mark.parametrize("name", list(KINKED))
+def test_at_t_equal_t_ref_a_clamp_gets_its_autograd_derivative(name):
+    """Where t = t' the multiplier is the plain derivative (as in Captum and the paper), the one
+    autograd computes, including its choice at the kinks: 0 at a hardtanh/relu/threshold bound, 1
+    at a clamp bound. For these ops the engine computes it by formula (one dense pass): checked
+    here against autograd at the kinks and on both sides of each."""
+    fn = KINKED[name]
+    t = torch.tensor([-7.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0, 3.0, 6.0, 7.0], dtype=DT)
+    x = torch.stack([t + 1.0, torch.ones_like(t)], 1)
+    c = 2.0
+    r = deeplift(OnADifference(fn), x, x + c, target=0)
+    tt = t.clone().unsqueeze(1).requires_grad_(True)
+    (d,) = torch.autograd.grad(fn(tt.clone()).sum(), tt)
+    expected = torch.cat([-c * d, c * d], 1)
+    torch.testing.assert_close(r.attributions, expected, rtol=0, atol=1e-12)
+    assert set(d.flatten().tolist()) == {0.0, 1.0}  # both sides of a kink are in the test
+
+
+def test_the_known_derivatives_are_used():
+    """The formula path is taken for a clamp-like op (no autograd call), not for others."""
+    op = rules._op_name
+    assert rules._known_derivative(F.relu6, op(F.relu6), (torch.zeros(2),), {}) is not None
+    assert rules._known_derivative(torch.clamp, op(torch.clamp), (torch.zeros(2), torch.zeros(2)), {}) is None
+    assert rules._known_derivative(torch.abs, op(torch.abs), (torch.zeros(2),), {}) is None
+    assert rules._known_derivative(F.hardtanh, op(F.hardtanh), (torch.zeros(2), -1.0, 1.0), {}) is not None
+
+
 @pytest.mark.parametrize("arch", ["on_the_input", "maxpool_cnn", "transformer_encoder", "inplace_on_rule_outputs"])
 def test_accelerator_path_without_host_syncs_equals_the_cpu_path(arch, monkeypatch):
     """On CUDA the masks of flagged elements are built unconditionally and the plain derivative is
