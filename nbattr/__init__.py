@@ -3,6 +3,7 @@ in any Jupyter front end."""
 
 from .engine import (
     Attribution,
+    Cancelled,
     InputError,
     NbattrError,
     NoGradientPathError,
@@ -11,6 +12,7 @@ from .engine import (
     attribute,
     attribute_dataset,
     methods,
+    watch,
 )
 from .widget import Explain  # the live widget (imports without the JS bundle)
 
@@ -18,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Attribution",
+    "Cancelled",
     "Explain",
     "InputError",
     "NbattrError",
@@ -28,4 +31,5 @@ __all__ = [
     "attribute",
     "attribute_dataset",
     "methods",
+    "watch",
 ]

@@ -203,8 +203,11 @@ function render({ model, el }) {
   function drawStatus() {
     const st = model.get("status");
     root.dataset.status = st;
-    progress.classList.toggle("busy", st === "computing");
-    progressBar.style.width = `${Math.round(100 * (model.get("progress") || 0))}%`;
+    const done = model.get("progress") || 0;
+    // computing: a sliding bar until the engine reports how far its pass is, then that fraction
+    progress.classList.toggle("busy", st === "computing" && !(done > 0));
+    progress.dataset.progress = String(done);
+    progressBar.style.width = `${Math.round(100 * done)}%`;
     statusText.textContent = st === "computing" ? `computing ${model.get("method")}…` : "";
     const err = model.get("error");
     error.textContent = err;

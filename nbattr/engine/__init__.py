@@ -1,8 +1,10 @@
 """The attribution engine: pure PyTorch, no widget or plotting imports."""
 
 from .api import attribute
+from .batching import watch
 from .dataset import attribute_dataset
 from .errors import (
+    Cancelled,
     InputError,
     NbattrError,
     NoGradientPathError,
@@ -14,6 +16,7 @@ from .result import Attribution
 
 __all__ = [
     "Attribution",
+    "Cancelled",
     "InputError",
     "MethodInfo",
     "NbattrError",
@@ -24,4 +27,5 @@ __all__ = [
     "attribute_dataset",
     "methods",
     "register",
+    "watch",
 ]

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from . import registry
 from .baselines import BaselineSpec
-from .batching import BatchSize
+from .batching import BatchSize, check_cancelled
 from .errors import InputError
 from .guard import model_guard
 from .paths import RULES
@@ -70,6 +70,8 @@ def attribute(
         attribution for models taking token ids).
     **method_options : the method's own options, listed by :func:`nbattr.methods`.
 
+    Inside a :func:`nbattr.watch` block the call reports its progress and can be cancelled.
+
     Returns
     -------
     Attribution
@@ -88,6 +90,7 @@ def attribute(
     # a method may tape the first forward at x and reuse it (DeepLIFT: the recording of its passes)
     record = getattr(info.fn, "record_first_forward", None)
     record = record(model, opts) if record is not None else None
+    check_cancelled()  # besides before every chunk: also before a method without chunks starts
     with model_guard(model):
         problem = Problem(model, x, target=target, baseline=baseline, layer=layer, batch_size=batch_size,
                           record=record, keep_graph=getattr(info.fn, "keep_first_graph", False))
@@ -98,5 +101,8 @@ def attribute(
             r.params["targets"] = f"{problem.k} per example, one forward and {problem.k} backward passes"
             return r
         # no native multi-target path: one run per target on a view sharing input and baselines
-        parts = [info.fn(problem.for_target(j), **opts) for j in range(problem.k)]
+        parts = []
+        for j in range(problem.k):
+            check_cancelled()
+            parts.append(info.fn(problem.for_target(j), **opts))
         return Attribution.stack(parts, params={"targets": f"{problem.k} per example, one run per target"})

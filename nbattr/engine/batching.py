@@ -6,13 +6,22 @@ chunk's own tensors. The rest is then cut into chunks that fit a budget: a share
 GPU memory (``torch.cuda.mem_get_info``) on CUDA, a bounded amount (and at most
 ``CPU_MAX_ROWS`` rows) on CPU. On a CUDA
 out-of-memory error the chunk is halved and retried, so a user never has to guess a size.
+
+:func:`watch` lets a caller follow and stop that work: every chunked pass run inside the block (in
+this thread) reports ``progress(done, total)`` rows after each chunk and asks ``cancel()`` before
+each, raising :class:`~nbattr.engine.errors.Cancelled` when it says yes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
+
+from .errors import Cancelled
 
 BatchSize = int | str
 
@@ -58,6 +67,53 @@ def memory_budget(device: torch.device) -> int:
     return CPU_BUDGET_BYTES
 
 
+@dataclass(frozen=True)
+class _Watch:
+    progress: Callable[[int, int], None] | None
+    cancel: Callable[[], bool] | None
+
+
+_WATCH: contextvars.ContextVar[_Watch | None] = contextvars.ContextVar("nbattr_watch", default=None)
+
+
+@contextlib.contextmanager
+def watch(progress: Callable[[int, int], None] | None = None,
+          cancel: Callable[[], bool] | None = None) -> Iterator[None]:
+    """Follow and stop the engine's work inside the block (this thread or context only).
+
+    Parameters
+    ----------
+    progress : called as ``progress(done, total)`` after each chunk of every chunked pass (rows:
+        examples x path points, samples or perturbations); a method may run several passes
+        (``steps="auto"`` one per refinement round), each counting from 0 to its own total.
+    cancel : asked before each chunk; when it returns True the call raises
+        :class:`~nbattr.engine.errors.Cancelled` (the model is restored as after any error).
+
+    Blocks nest; the innermost one is in effect.
+
+    Examples
+    --------
+    >>> with nbattr.watch(progress=lambda d, t: print(f"{d}/{t}")):
+    ...     r = nbattr.attribute(model, x, method="integrated_gradients")
+    """
+    token = _WATCH.set(_Watch(progress, cancel))
+    try:
+        yield
+    finally:
+        _WATCH.reset(token)
+
+
+def _check_cancel(w: _Watch | None) -> None:
+    if w is not None and w.cancel is not None and w.cancel():
+        raise Cancelled("the computation was cancelled (nbattr.watch: cancel() returned True)")
+
+
+def check_cancelled() -> None:
+    """Raise :class:`~nbattr.engine.errors.Cancelled` if the :func:`watch` in effect says so
+    (called where work starts, besides before every chunk)."""
+    _check_cancel(_WATCH.get())
+
+
 def _is_oom(err: BaseException) -> bool:
     oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
     return isinstance(err, oom) or "out of memory" in str(err).lower()
@@ -101,6 +157,7 @@ def run_chunked(
     sizes: list[int] = []
     start = 0
     measured = False
+    w = _WATCH.get()
     if auto and per_row:
         cap = CPU_MAX_ROWS if device.type == "cpu" else total
         size = max(1, min(total, cap, memory_budget(device) // per_row))
@@ -108,6 +165,7 @@ def run_chunked(
     while start < total:
         n = min(size, total - start)
         rows = slice(start, start + n)
+        _check_cancel(w)
         try:
             if auto and not measured:
                 counter = _SavedBytes()
@@ -129,5 +187,7 @@ def run_chunked(
             raise
         sizes.append(n)
         start += n
+        if w is not None and w.progress is not None:
+            w.progress(start, total)
     if stats is not None:
         stats["chunks"] = sizes

@@ -19,3 +19,8 @@ class NoGradientPathError(NbattrError, RuntimeError):
 
 class UnsupportedOperationError(NbattrError, RuntimeError):
     """A rule-based method met an operation it has no rule for, and ``strict=True`` was given."""
+
+
+class Cancelled(NbattrError):
+    """The ``cancel`` callable of :func:`nbattr.watch` returned True: the call stopped before its
+    next chunk of work (the model is left as it was found, as after any error)."""

@@ -2,9 +2,14 @@
 supersession, progress and errors. No traitlets here, so it is tested without a browser.
 
 Supersession: requests carry an increasing number. The worker computes at most one request at a
-time; while it runs, newer requests overwrite a single "pending" slot (the last one wins) and the
-running result is cached but not published if a newer request exists. So 50 rapid switches cost
-at most two computations and always end showing the last choice.
+time; while it runs, newer requests overwrite a single "pending" slot (the last one wins), and the
+running computation is stopped before its next chunk of work (:func:`nbattr.watch`; a compute
+function that does not use the engine runs to the end, cached but not published). So 50 rapid
+switches cost at most two computations, the first cut short, and always end showing the last
+choice; ``cancelled`` lists the keys that were stopped.
+
+Progress: ``on_progress(fraction)`` is called from the worker as the engine's chunked passes
+advance (at most every ``PROGRESS_EVERY`` seconds, and at each pass's end).
 
 Prefetch (optional): after a computed result is published and no newer request is pending, the
 worker calls ``prefetch(key, stop)`` once and puts the payloads it returns (``{key: payload}``) in
@@ -13,12 +18,15 @@ is skipped when the request's own computation took longer than ``prefetch_after`
 errors and after cache hits. ``stop()`` turns True as soon as a newer request is pending (or the
 controller is closed), so a prefetch can give up between its steps. A request that arrives while a
 prefetch runs is kept in the pending slot and served right after it (from the cache if the prefetch
-produced its key): its worst-case extra latency is the rest of one prefetch call. Prefetch errors
-are logged (level INFO) and recorded in ``prefetch_errors``, never published.
+produced its key): its worst-case extra latency is the rest of one prefetch call. A prefetch may
+stop its engine call for a request it will not serve (:meth:`pending` names the waiting key;
+``Cancelled`` from a prefetch is no error). Prefetch errors are logged (level INFO) and recorded
+in ``prefetch_errors``, never published.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -28,7 +36,13 @@ from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..engine.batching import watch
+from ..engine.errors import Cancelled
+
 log = logging.getLogger(__name__)
+
+#: least seconds between two ``on_progress`` calls (a pass's end is always reported)
+PROGRESS_EVERY = 0.1
 
 Prefetch = Callable[[Hashable, Callable[[], bool]], Mapping[Hashable, Any] | None]
 
@@ -60,6 +74,7 @@ class Controller:
         once a newer request is pending; returning early (or ``{}``) is always allowed.
     prefetch_after : skip the prefetch when computing ``key`` took longer than this many seconds
         (None: never skip). A plain attribute, may be changed later.
+    on_progress : called with the fraction (0..1) of the running pass done, from the worker.
     """
 
     def __init__(
@@ -70,6 +85,7 @@ class Controller:
         cache_size: int = 64,
         prefetch: Prefetch | None = None,
         prefetch_after: float | None = 3.0,
+        on_progress: Callable[[float], None] | None = None,
     ) -> None:
         self._compute = compute
         self._publish = publish
@@ -88,6 +104,8 @@ class Controller:
         self.computed: list[Hashable] = []  # keys actually computed, in order (for tests and stats)
         self.prefetched: list[Hashable] = []  # keys put in the cache by prefetch, in order
         self.prefetch_errors: list[str] = []  # the last few prefetch failures (never published)
+        self.cancelled: list[Hashable] = []  # keys whose computation a newer request stopped
+        self._on_progress = on_progress
         self.last: Outcome | None = None
         self._thread = threading.Thread(target=self._loop, name="nbattr-widget-worker", daemon=True)
         self._thread.start()
@@ -110,6 +128,16 @@ class Controller:
         if hit:
             self._emit(Outcome(key, seq, payload=payload, cached=True))
         return seq
+
+    def pending(self) -> Hashable | None:
+        """The key of the request waiting for the worker, if any."""
+        with self._lock:
+            return None if self._pending is None else self._pending[1]
+
+    @property
+    def closed(self) -> bool:
+        with self._lock:
+            return self._closed
 
     def cached(self, key: Hashable) -> bool:
         with self._lock:
@@ -169,6 +197,28 @@ class Controller:
         with self._lock:
             return self._pending is not None or self._closed
 
+    def _superseded(self, seq: int) -> bool:
+        with self._lock:
+            return seq != self._seq or self._closed
+
+    def _progress(self) -> Callable[[int, int], None] | None:
+        report = self._on_progress
+        if report is None:
+            return None
+        last = [0.0]
+
+        def progress(done: int, total: int) -> None:
+            now = time.monotonic()
+            if done < total and now - last[0] < PROGRESS_EVERY:
+                return
+            last[0] = now
+            try:
+                report(done / max(total, 1))
+            except Exception:  # noqa: BLE001 - a display failure must not stop the computation
+                log.info("nbattr widget: progress report failed", exc_info=True)
+
+        return progress
+
     def _store(self, key: Hashable, payload: Any) -> None:
         # under self._lock
         self._cache[key] = payload
@@ -180,6 +230,8 @@ class Controller:
         try:
             extra = self._prefetch(key, self._stop_prefetch) or {}  # type: ignore[misc]
             err = None
+        except Cancelled:  # the prefetch gave way to a request (see Explain._prefetch)
+            extra, err = {}, None
         except Exception as e:  # noqa: BLE001 - a background nicety: never shown, never fatal
             extra, err = {}, f"{type(e).__name__}: {e}"
             log.info("nbattr widget: prefetch after %r failed", key, exc_info=True)
@@ -221,8 +273,18 @@ class Controller:
             self._on_state("computing", key)
             t0 = time.perf_counter()
             try:
-                payload = self._compute(key)
+                with watch(progress=self._progress(), cancel=functools.partial(self._superseded, seq)):
+                    payload = self._compute(key)
                 err = None
+            except Cancelled:  # a newer request exists: nothing to store or publish
+                with self._lock:
+                    self.cancelled.append(key)
+                    self._running = None
+                    idle = self._pending is None
+                    self._lock.notify_all()
+                if idle:
+                    self._on_state("idle", key)
+                continue
             except Exception as e:  # noqa: BLE001 - shown in the widget
                 payload, err = None, f"{type(e).__name__}: {e}"
             dt = time.perf_counter() - t0

@@ -15,7 +15,7 @@ import traitlets as t
 from torch import Tensor, nn
 
 from .. import render
-from ..engine import attribute
+from ..engine import attribute, watch
 from ..engine import methods as all_methods
 from . import codec, payload
 from .controller import Controller, Outcome
@@ -169,7 +169,8 @@ class Explain(anywidget.AnyWidget):
 
         super().__init__(**kwargs)
         self._controller = Controller(self._compute, self._publish, self._on_state,
-                                      prefetch=self._prefetch, prefetch_after=prefetch_after)
+                                      prefetch=self._prefetch, prefetch_after=prefetch_after,
+                                      on_progress=self._on_progress)
         with self.hold_trait_notifications():
             self.kind = kind
             self.methods = names
@@ -274,11 +275,18 @@ class Explain(anywidget.AnyWidget):
                 if int(p["index"]) != int(target) and not ctl.cached((method, baseline, int(p["index"]), steps, ()))]
         if not todo or stop():
             return {}
+        keys = {(method, baseline, ti, steps, ()) for ti in todo}
+
+        def give_way() -> bool:  # to a request this prefetch will not serve
+            waiting = ctl.pending()
+            return ctl.closed or (waiting is not None and waiting not in keys)
+
         targets = torch.tensor([todo] * self._x.shape[0], dtype=torch.long)
-        attr = self._engine_call(method, baseline, targets, steps)
+        with watch(cancel=give_way):  # stops at the next chunk; Cancelled is no error here
+            attr = self._engine_call(method, baseline, targets, steps)
         out = {}
         for j, ti in enumerate(todo):
-            if stop():  # a newer request waits: keep what is built, leave the rest
+            if give_way():  # keep what is built, leave the rest
                 break
             out[(method, baseline, ti, steps, ())] = payload.build(attr.for_target(j), self.kind, self.label(ti))
         return out
@@ -302,9 +310,13 @@ class Explain(anywidget.AnyWidget):
         if state == "computing":
             with self.hold_sync():
                 self.status = "computing"
-                self.progress = 0.1
+                self.progress = 0.0  # not known yet: the bar slides until the engine reports
         elif self.status == "computing":
             self.status = "idle"
+
+    def _on_progress(self, fraction: float) -> None:
+        if self.status == "computing":
+            self.progress = float(fraction)
 
     def _publish(self, o: Outcome) -> None:
         with self.hold_sync():

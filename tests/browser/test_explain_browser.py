@@ -75,6 +75,19 @@ tokens = ["the", "film", {XSS!r}, "was", "great"]
 t = Explain(tm, torch.tensor([1, 2, 3, 4, 5]), tokens=tokens, layer=tm.emb, labels=["neg", "pos"])
 t
 """
+# a model whose every forward takes 0.3 s: IG's 64 path points run as 3 chunks (4, 32, 28 rows)
+SLOW = """
+import time
+class Slow(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+    def forward(self, x):
+        time.sleep(0.3)
+        return self.inner(x)
+s = Explain(Slow(model), x, steps=64, methods=["integrated_gradients"], prefetch=False)
+s
+"""
 
 SIG = """(el) => { const c = el; const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
   let h = 0; for (let i = 0; i < d.length; i++) h = (Math.imul(h, 31) + d[i]) >>> 0; return h; }"""
@@ -131,6 +144,8 @@ def lab(tmp_path_factory):
         nbformat.v4.new_code_cell("w.method = 'smoothgrad'"),
         nbformat.v4.new_code_cell("print('python sees', w.method, w.target)"),
         nbformat.v4.new_code_cell(TEXT),
+        nbformat.v4.new_code_cell(SLOW),
+        nbformat.v4.new_code_cell("s.steps = 60  # computed while the page watches"),
     ]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, str(work / "explain.ipynb"))
@@ -318,6 +333,23 @@ def test_explain_widget_in_jupyterlab(lab):
             assert XSS in texts, texts
             assert troot.locator("img").count() == 0 and page.locator(".jp-Notebook img[src='x']").count() == 0
             assert troot.locator(".nbattr-token").nth(2).get_attribute("title").startswith(XSS + ":")
+
+            # 8. a slow computation: the bar slides, then shows how far the engine's pass is
+            run_cell(4)
+            sroot = page.locator(".nbattr-root").nth(2)
+            sroot.wait_for(timeout=60_000)
+            bar = sroot.locator(".nbattr-progress")
+            wait_idle(sroot)  # the first result may be done before the page shows the widget
+            run_cell(5)
+            page.wait_for_function(
+                "(el) => el.closest('.nbattr-root').dataset.status === 'computing' && !el.classList.contains('busy')"
+                " && Number(el.dataset.progress) > 0 && Number(el.dataset.progress) < 1",
+                arg=bar.element_handle(), timeout=30_000)
+            width = bar.locator(".nbattr-progress-bar").evaluate("(b) => b.style.width")
+            assert width.endswith("%") and 0 < float(width[:-1]) < 100, width
+            wait_idle(sroot)
+            assert bar.get_attribute("data-progress") == "1"
+
             time.sleep(0.3)
             assert dialogs == []
             page.screenshot(path=str(ARTIFACTS / "jupyterlab.png"), full_page=True)

@@ -232,3 +232,86 @@ def test_a_computed_entry_is_not_replaced_by_a_prefetched_one():
     c.wait(5, prefetch=True)
     assert c.get_cached("x") == "computed x" and c.prefetched == []
     c.close()
+
+
+class Chunked(Recorder):
+    """A compute that works in engine chunks (run_chunked), each taking ``delay`` seconds."""
+
+    def __init__(self, chunks=20, delay=0.01):
+        super().__init__()
+        self.chunks, self.chunk_delay = chunks, delay
+        self.started = threading.Event()
+        self.rows = {}
+
+    def compute(self, key):
+        from nbattr.engine.batching import run_chunked
+
+        self.rows[key] = 0
+
+        def work(rows):
+            self.started.set()
+            time.sleep(self.chunk_delay)
+            self.rows[key] += rows.stop - rows.start
+
+        run_chunked(self.chunks, work, batch_size=1)
+        return f"payload {key}"
+
+
+def test_a_superseded_computation_stops_at_its_next_chunk():
+    r = Chunked(chunks=200, delay=0.01)  # 2 s if it ran to the end
+    c = Controller(r.compute, r.publish, r.on_state)
+    c.request("slow")
+    assert r.started.wait(5)
+    r.chunks = 10  # "next" is short
+    t0 = time.perf_counter()
+    c.request("next")
+    assert c.wait(5)
+    assert time.perf_counter() - t0 < 1.0  # "slow" had 2 s of work left
+    assert c.cancelled == ["slow"] and c.computed == ["next"]
+    assert r.rows["slow"] < 100 and r.rows["next"] == 10
+    assert [o.key for o in r.published] == ["next"] and not c.cached("slow")
+    assert r.states[-1] == ("idle", "next")
+    c.close()
+
+
+def test_a_cache_hit_also_stops_the_running_computation():
+    r = Chunked(chunks=5, delay=0.001)
+    c = Controller(r.compute, r.publish, r.on_state)
+    c.request("a")
+    assert c.wait(5)
+    r.chunks, r.chunk_delay = 300, 0.01
+    r.started.clear()
+    c.request("b")
+    assert r.started.wait(5)
+    c.request("a")  # cached: published at once, and "b" is no longer wanted
+    assert c.wait(5)
+    assert c.cancelled == ["b"] and r.published[-1].key == "a" and r.published[-1].cached
+    assert r.states[-1] == ("idle", "b")
+    c.close()
+
+
+def test_progress_is_reported_as_a_fraction_and_ends_at_one():
+    r = Chunked(chunks=30, delay=0.01)
+    seen = []
+    c = Controller(r.compute, r.publish, r.on_state, on_progress=seen.append)
+    c.request("a")
+    assert c.wait(5)
+    assert seen[-1] == 1.0 and seen == sorted(seen) and 0 < seen[0] < 1
+    assert len(seen) < 30  # throttled: at most one report per PROGRESS_EVERY seconds (and the end)
+    c.close()
+
+
+def test_a_prefetch_that_gives_way_is_not_an_error():
+    from nbattr.engine import Cancelled
+
+    r = Recorder()
+
+    def prefetch(key, stop):
+        raise Cancelled("gave way")
+
+    c = Controller(r.compute, r.publish, r.on_state, prefetch=prefetch)
+    c.request("a")
+    assert c.wait(5, prefetch=True)
+    assert c.prefetch_errors == [] and c.pending() is None
+    c.close()
+    assert c.closed

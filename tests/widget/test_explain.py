@@ -2,6 +2,7 @@ import base64
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -278,6 +279,47 @@ def test_request_for_a_class_being_prefetched_waits_for_it_not_recomputes(cnn, i
     assert w.wait(30)
     assert w.receipt["target"] == w.topk[1]["index"] and w.receipt["cached"] is True
     assert len(w._controller.computed) == 1
+    w.close()
+
+
+def test_a_prefetch_gives_way_to_a_request_it_will_not_serve(cnn, image, monkeypatch):
+    """The user switches method while the other classes are prefetched: the prefetch's engine
+    call stops (Cancelled, at its next chunk; here before its first), the new method is computed
+    at once, and no error is recorded."""
+    started, outcome = threading.Event(), {}
+    real = Explain._engine_call
+
+    def spy(self, method, baseline, target, steps):
+        if isinstance(target, torch.Tensor):  # the prefetch's multi-target call
+            started.set()
+            deadline = time.monotonic() + 10
+            while self._controller.pending() is None and time.monotonic() < deadline:
+                time.sleep(0.005)
+            try:
+                return real(self, method, baseline, target, steps)
+            except BaseException as e:
+                outcome["error"] = type(e).__name__
+                raise
+        return real(self, method, baseline, target, steps)
+
+    monkeypatch.setattr(Explain, "_engine_call", spy)
+    w = Explain(cnn, image, steps=8)
+    assert w.wait(30) and started.wait(10)
+    w.method = "saliency"
+    assert w.wait(30) and w.wait(30, prefetch=True)
+    assert outcome.get("error") == "Cancelled"
+    assert w.receipt["method"] == "saliency" and w._controller.prefetch_errors == []
+    assert not any(k[0] == "integrated_gradients" for k in w._controller.prefetched)
+    w.close()
+
+
+def test_progress_is_published_while_computing(cnn, image):
+    seen = []
+    w = Explain(cnn, image, steps=64)
+    w.observe(lambda ch: seen.append(ch["new"]), names="progress")
+    w.method = "smoothgrad"
+    assert w.wait(30) and w.wait(30, prefetch=True)  # no prefetch left to run into the next test
+    assert seen[-1] == 1.0 and any(0 < v < 1 for v in seen)
     w.close()
 
 
