@@ -6,8 +6,9 @@ above what was allocated before the call; on CPU the rise of the process's resid
 (``/proc/self/statm``) sampled every millisecond by a thread during the call (tracemalloc does not
 see torch's allocations; ``getrusage`` maxrss is a lifetime high-water mark, blind to a call that
 stays under an earlier peak). The CPU figure is a lower bound: memory an earlier call freed and
-the allocator kept is reused without a rise (small calls then read 0.0). A script, not a test:
-timings depend on the machine.
+the allocator kept is reused without a rise (small calls then read 0.0). For each model it also
+prints IG's time over its floor, ``steps`` x one forward+backward on the same N examples. A script,
+not a test: timings depend on the machine.
 
     python benchmarks/bench_captum.py [--device cuda] [--repeats 5] [--quick]
 """
@@ -121,6 +122,27 @@ def cases(model: nn.Module, x: torch.Tensor, steps: int):
                                                  strides=(x.shape[1], w, w), baselines=0, target=t))
 
 
+def floor_ratio(model: nn.Module, x: torch.Tensor, steps: int, repeats: int, device: torch.device,
+                rule: str = "gauss_legendre") -> tuple[float, float]:
+    """IG's time over its physical floor: ``steps`` times one forward + backward (the gradient with
+    respect to the input only, as IG needs) on the same batch of N examples. Below 1 where IG's
+    chunks of N x steps rows use the hardware better than N rows do (a GPU)."""
+    t = nbattr.attribute(model, x, method="saliency").target
+    rows = torch.arange(x.shape[0], device=x.device)
+
+    def fwd_bwd() -> None:
+        z = x.detach().clone().requires_grad_(True)
+        torch.autograd.grad(model(z)[rows, t].sum(), z)
+
+    def ig() -> None:
+        nbattr.attribute(model, x, target=t, steps=steps, rule=rule)
+
+    ig(), fwd_bwd()
+    t_ig = statistics.median(_once(ig, device) for _ in range(repeats))
+    t_fb = statistics.median(_once(fwd_bwd, device) for _ in range(max(repeats, 5)))
+    return t_ig / (steps * t_fb), t_fb
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -150,6 +172,9 @@ def main() -> int:
             mo, mc = peak_memory(ours, device), peak_memory(theirs, device)
             ms = "n/a" if mo is None or mc is None else f"{mo:8.1f} {mc:8.1f}"
             print(f"{name:34s} {label:26s} {to:9.3f} {tc:9.3f} {ratio:6.2f}   {ms}", flush=True)
+        fr, t_fb = floor_ratio(model, x, args.steps, args.repeats, device)
+        print(f"{name:34s} IG time / ({args.steps} x one forward+backward at N={x.shape[0]}, "
+              f"{t_fb * 1000:.1f} ms) = {fr:.2f}", flush=True)
     return 0
 
 
