@@ -135,7 +135,9 @@ def run_chunked(
     ----------
     total : number of rows.
     fn : does the work for a slice of rows and accumulates its results itself. It must be safe
-        to call again on the same slice after it raised (a CUDA out-of-memory retry).
+        to call again on the same slice after it raised (a CUDA out-of-memory retry). It may
+        return the bytes it held besides what autograd saved (DeepLIFT's tape of activations),
+        which ``"auto"`` then counts too.
     batch_size : rows per chunk, or ``"auto"`` (measured, see the module docstring).
     device : where the work runs (budget and out-of-memory handling).
     row_bytes : bytes a row needs besides what autograd saves (inputs, gradients).
@@ -170,8 +172,8 @@ def run_chunked(
             if auto and not measured:
                 counter = _SavedBytes()
                 with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
-                    fn(rows)
-                per_row = max(1, (counter.bytes + row_bytes * n) // n)
+                    held = fn(rows)
+                per_row = max(1, (counter.bytes + int(held or 0) + row_bytes * n) // n)
                 cap = CPU_MAX_ROWS if device.type == "cpu" else total
                 size = max(1, min(total, cap, memory_budget(device) // per_row))
                 measured = True

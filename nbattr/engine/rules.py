@@ -1472,6 +1472,31 @@ def _derivative_at(bad: Tensor, m: Tensor, t0: Tensor, call_with: Callable[[Tens
 
 
 # -- the passes ---------------------------------------------------------------------------------
+def _tape_bytes(tape: list[_TapeEntry] | None, exclude: set[int]) -> int:
+    """Bytes of the tensors a tape holds (each storage once), without those in ``exclude`` (the
+    model's parameters and buffers, which are not per row)."""
+    seen, total = set(exclude), 0
+    for entry in tape or ():
+        for v in (*entry.leaves, entry.output):
+            if not isinstance(v, Tensor):
+                continue
+            try:
+                storage = v.untyped_storage()
+                key = storage.data_ptr()
+            except (RuntimeError, NotImplementedError):
+                continue
+            if key not in seen:
+                seen.add(key)
+                total += storage.nbytes()
+    return total
+
+
+def _model_storages(model: Any) -> set[int]:
+    if not isinstance(model, torch.nn.Module):
+        return set()
+    return {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+
+
 def _ops_text(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} (x{v})" for k, v in counts.items())
 
@@ -1500,8 +1525,9 @@ def _modified_gradient(p: Problem, method: str, multiplier: Multiplier, *, refer
     unsupported: dict[str, int] = {}
     row_bytes = (2 + p.k) * p.inputs[0].numel() * p.inputs.element_size()
     recorded, replayed = (p.inputs, p.baselines) if at_reference else (p.baselines, p.inputs)
+    weights = _model_storages(p.model) if reference else set()
 
-    def work(sl: slice) -> None:
+    def work(sl: slice) -> int:
         rows = torch.arange(sl.start, sl.stop, device=p.device)
         for copy in (False, True):
             tape = None
@@ -1543,6 +1569,7 @@ def _modified_gradient(p: Problem, method: str, multiplier: Multiplier, *, refer
                 base_out[sl] = scores.detach()
             g = score_gradient(scores, z)
         grads[sl] = g
+        return _tape_bytes(tape, weights)  # held beside autograd's saved tensors: batch_size="auto" counts it
 
     with unrolled_rnns(p.model) as unrolled:  # LSTM/GRU/RNN run as plain ops: the gates get rules
         run_chunked(p.n, work, batch_size=p.batch_size, device=p.device, row_bytes=row_bytes, stats=p.stats)

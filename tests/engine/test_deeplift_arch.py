@@ -848,3 +848,28 @@ def test_accelerator_path_without_host_syncs_equals_the_cpu_path(arch, monkeypat
     torch.testing.assert_close(dense.attributions, cpu.attributions, rtol=1e-10, atol=1e-12)
     assert_conserves(dense)
     torch.testing.assert_close(lrp(model, x).attributions, lr_cpu.attributions, rtol=1e-10, atol=1e-12)
+
+
+def test_auto_batching_counts_the_tape(monkeypatch):
+    """DeepLIFT holds a tape of the recorded activations beside autograd's saved tensors;
+    batch_size="auto" counts it in the bytes per row (the cnn's two ReLUs: input and output of
+    8x16x16 and 8x8x8 float64 activations, 40960 bytes per row at least) and the result is the same."""
+    from .models import cnn
+
+    model = cnn()
+    torch.manual_seed(0)
+    x, x0 = torch.rand(12, 3, 16, 16), torch.rand(12, 3, 16, 16) * 0.1
+    measured = []
+    real_run = rules.run_chunked
+
+    def spy(*a, stats, **kw):
+        real_run(*a, stats=stats, **kw)
+        measured.append(stats["row_bytes"])
+
+    monkeypatch.setattr(rules, "run_chunked", spy)
+    r = deeplift(model, x, x0)
+    monkeypatch.setattr(rules, "_tape_bytes", lambda tape, exclude: 0)
+    blind = deeplift(model, x, x0)
+    assert measured[0] - measured[1] >= 40960
+    torch.testing.assert_close(r.attributions, blind.attributions, rtol=0, atol=0)
+    assert_conserves(r)
