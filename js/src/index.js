@@ -208,7 +208,8 @@ function render({ model, el }) {
     progress.classList.toggle("busy", st === "computing" && !(done > 0));
     progress.dataset.progress = String(done);
     progressBar.style.width = `${Math.round(100 * done)}%`;
-    statusText.textContent = st === "computing" ? `computing ${model.get("method")}…` : "";
+    const pct = done > 0 && done < 1 ? ` ${Math.round(100 * done)}%` : "";
+    statusText.textContent = st === "computing" ? `computing ${model.get("method")}…${pct}` : "";
     const err = model.get("error");
     error.textContent = err;
     error.style.display = err ? "" : "none";

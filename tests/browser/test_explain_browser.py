@@ -341,12 +341,15 @@ def test_explain_widget_in_jupyterlab(lab):
             bar = sroot.locator(".nbattr-progress")
             wait_idle(sroot)  # the first result may be done before the page shows the widget
             run_cell(5)
+            # all read in one frame: computing, a determinate bar of that width, and the percentage
             page.wait_for_function(
-                "(el) => el.closest('.nbattr-root').dataset.status === 'computing' && !el.classList.contains('busy')"
-                " && Number(el.dataset.progress) > 0 && Number(el.dataset.progress) < 1",
+                """(el) => { const root = el.closest('.nbattr-root'); const p = Number(el.dataset.progress);
+                  const pct = Math.round(100 * p);
+                  return root.dataset.status === 'computing' && !el.classList.contains('busy') && p > 0 && p < 1
+                    && el.querySelector('.nbattr-progress-bar').style.width === `${pct}%`
+                    && root.querySelector('.nbattr-status').textContent
+                         === `computing integrated_gradients… ${pct}%`; }""",
                 arg=bar.element_handle(), timeout=30_000)
-            width = bar.locator(".nbattr-progress-bar").evaluate("(b) => b.style.width")
-            assert width.endswith("%") and 0 < float(width[:-1]) < 100, width
             wait_idle(sroot)
             assert bar.get_attribute("data-progress") == "1"
 
