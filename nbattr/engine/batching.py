@@ -89,7 +89,8 @@ def watch(progress: Callable[[int, int], None] | None = None,
     cancel : asked before each chunk; when it returns True the call raises
         :class:`~nbattr.engine.errors.Cancelled` (the model is restored as after any error).
 
-    Blocks nest; the innermost one is in effect.
+    Blocks nest; the innermost one is in effect. Under ``torchrun`` (:func:`nbattr.attribute_dataset`)
+    cancel every rank alike: a rank that stops alone leaves the others waiting for it.
 
     Examples
     --------
