@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -37,12 +37,13 @@ CPU_MAX_ROWS = 32
 PROBE_ROWS = 4
 
 
-class _SavedBytes:
-    """Counts the bytes autograd saves for backward (each storage once)."""
+class StorageBytes:
+    """Counts the bytes of the tensors given to :meth:`pack` (each storage once, none of the
+    storages in ``exclude``): as a ``saved_tensors_hooks`` pair, what autograd saves for backward."""
 
-    def __init__(self) -> None:
+    def __init__(self, exclude: Iterable[int] = ()) -> None:
         self.bytes = 0
-        self._seen: set[int] = set()
+        self._seen: set[int] = set(exclude)
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         try:
@@ -171,7 +172,7 @@ def run_chunked(
         _check_cancel(w)
         try:
             if auto and not measured:
-                counter = _SavedBytes()
+                counter = StorageBytes()
                 with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
                     held = fn(rows)
                 per_row = max(1, (counter.bytes + int(held or 0) + row_bytes * n) // n)

@@ -43,7 +43,7 @@ BATCHED_BACKWARD_DEVICES = {"cuda"}
 #: SmoothGrad 0.69-0.77x. A model that cannot take such an input (``x.view(n, -1)`` on it, or on a
 #: convolution's output) is detected by the first forward, which is then run again with the usual
 #: layout, as is every later call on that model (:data:`_USUAL_LAYOUT`). Not yet on CUDA:
-#: unmeasured there.
+#: unmeasured there (``benchmarks/bench_layout.py --device cuda`` measures it).
 CHANNELS_LAST_DEVICES = {"cpu"}
 
 #: models that failed on a channels-last input and ran with the usual layout: not tried again

@@ -163,7 +163,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .batching import run_chunked
+from .batching import StorageBytes, run_chunked
 from .errors import InputError, UnsupportedOperationError
 from .problem import Problem, score_gradient
 from .registry import multi_target, register
@@ -412,6 +412,7 @@ EXACT_SECANT_OPS: frozenset[str] = frozenset({
     "relu", "relu6", "hardtanh", "threshold", "hardshrink", "clamp", "clamp_min", "clamp_max",
     "abs", "maximum", "minimum", "fmax", "fmin",
 })
+
 
 def _clamp_derivative(lo: Any, hi: Any, strict: bool) -> Callable[[Tensor], Tensor]:
     """The derivative of a clamp to ``[lo, hi]`` (None: unbounded) as PyTorch's autograd defines
@@ -1475,20 +1476,12 @@ def _derivative_at(bad: Tensor, m: Tensor, t0: Tensor, call_with: Callable[[Tens
 def _tape_bytes(tape: list[_TapeEntry] | None, exclude: set[int]) -> int:
     """Bytes of the tensors a tape holds (each storage once), without those in ``exclude`` (the
     model's parameters and buffers, which are not per row)."""
-    seen, total = set(exclude), 0
+    counter = StorageBytes(exclude)
     for entry in tape or ():
         for v in (*entry.leaves, entry.output):
-            if not isinstance(v, Tensor):
-                continue
-            try:
-                storage = v.untyped_storage()
-                key = storage.data_ptr()
-            except (RuntimeError, NotImplementedError):
-                continue
-            if key not in seen:
-                seen.add(key)
-                total += storage.nbytes()
-    return total
+            if isinstance(v, Tensor):
+                counter.pack(v)
+    return counter.bytes
 
 
 def _model_storages(model: Any) -> set[int]:

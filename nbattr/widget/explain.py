@@ -69,15 +69,15 @@ class Explain(anywidget.AnyWidget):
         other top-k classes in the background in ONE multi-target engine call, so that clicking
         another top class is a cache hit. Only for methods with a native multi-target path
         (saliency, gradient_x_input, integrated_gradients, interior_gradients, smoothgrad,
-        deeplift, epsilon_lrp: one forward per point and K backward passes); not in compare mode. A plain attribute:
-        ``w.prefetch = False`` turns it off later.
+        deeplift, epsilon_lrp: one forward per point and K backward passes); not in compare
+        mode. A plain attribute: ``w.prefetch = False`` turns it off later.
     prefetch_after : skip the prefetch when the chosen view took longer than this many seconds to
-        compute (None: always prefetch). A request made while a prefetch runs waits for it at
-        most once: the worst-case extra latency is one prefetch call, about ``F + (k-1) B`` for a
-        forward pass F over the path points and a backward pass B. Measured on CPU for top-5 it
-        took 1.4-3.4x the chosen view's own time, so up to about 10 s at the default 3 s (less
-        on CUDA, where the K backward passes are batched). A request for one of the classes
-        being prefetched is served from its result, not computed again.
+        compute (None: always prefetch). A request for one of the classes being prefetched waits
+        for the prefetch and is served from its result, not computed again: at worst the rest of
+        one prefetch call, about ``F + (k-1) B`` for a forward pass F over the path points and a
+        backward pass B (measured on CPU for top-5: 1.4-3.4x the chosen view's own time, less on
+        CUDA, where the K backward passes are batched). Any other request stops the prefetch at
+        its next chunk of work.
     """
 
     _esm = _read("widget.js", _MISSING_ESM)
