@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -28,39 +29,73 @@ _GLOBAL_HOOK_DICTS = (
 
 
 def _hook_keys(m: nn.Module) -> dict[str, set]:
-    return {name: set(getattr(m, name, {}).keys()) for name in _HOOK_DICTS}
+    return {name: set(d) for name in _HOOK_DICTS if (d := getattr(m, name, None))}
+
+
+def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in tensors]) if tensors else torch.empty(0)
 
 
 class _Snapshot:
-    """The mutable state of one model, taken when the first guard enters."""
+    """The mutable state of one model, taken when the first guard enters (one walk over the
+    modules: a call on a large model should not pay for this more than once)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.modules = list(model.modules())
         self.training = [m.training for m in self.modules]
         self.hooks = [_hook_keys(m) for m in self.modules]
         self.global_hooks = {name: set(getattr(_module, name, {}).keys()) for name in _GLOBAL_HOOK_DICTS}
-        self.params = list(model.parameters())
+        params: dict[int, nn.Parameter] = {}
+        buffers: dict[int, torch.Tensor] = {}
+        for m in self.modules:
+            for v in m._parameters.values():
+                if v is not None:
+                    params.setdefault(id(v), v)
+            for v in m._buffers.values():
+                if v is not None:
+                    buffers.setdefault(id(v), v)
+        self.params = list(params.values())
         self.requires = [p.requires_grad for p in self.params]
         self.grads = [p.grad for p in self.params]
-        self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        # Buffers by dtype and device, each group saved as one flat copy: restoring compares one
+        # tensor per group and only walks a group whose values changed.
+        groups: dict[tuple, list[torch.Tensor]] = {}
+        for b in buffers.values():
+            groups.setdefault((b.dtype, b.device), []).append(b)
+        self.buffers = [(group, [tuple(b.shape) for b in group], _flat(group)) for group in groups.values()]
         self.depth = 0
+
+    def storages(self) -> set[int]:
+        """The storages of the model's parameters and buffers (memory that is not per row)."""
+        return {t.untyped_storage().data_ptr() for t in (*self.params, *(b for g, _, _ in self.buffers for b in g))}
 
     def restore(self) -> None:
         for m, t in zip(self.modules, self.training):
-            m.training = t
+            if m.training != t:  # (nn.Module.__setattr__ is slow; most flags never change)
+                m.training = t
         for p, r, g in zip(self.params, self.requires, self.grads):
-            p.requires_grad_(r)
+            if p.requires_grad != r:
+                p.requires_grad_(r)
             if p.grad is not g:
                 p.grad = g
         with torch.no_grad():
-            for b, saved in self.buffers:
-                if b.shape == saved.shape and not torch.equal(b, saved):
-                    b.copy_(saved)
-        for m, keys in zip(self.modules, self.hooks):
-            for name, before in keys.items():
-                d = getattr(m, name, None)
-                if d is None:
+            for group, shapes, saved in self.buffers:
+                if [tuple(b.shape) for b in group] == shapes and torch.equal(_flat(group), saved):
                     continue
+                offset = 0
+                for b, shape in zip(group, shapes):
+                    n = math.prod(shape)
+                    if tuple(b.shape) == shape:
+                        old = saved[offset:offset + n].view(shape)
+                        if not torch.equal(b, old):
+                            b.copy_(old)
+                    offset += n
+        for m, keys in zip(self.modules, self.hooks):
+            for name in _HOOK_DICTS:
+                d = getattr(m, name, None)
+                if not d:
+                    continue
+                before = keys.get(name, ())
                 for k in list(d.keys()):
                     if k not in before:
                         del d[k]
@@ -111,6 +146,18 @@ def model_guard(model: Any) -> Iterator[None]:
             if snap.depth == 0:
                 del _OPEN[id(model)]
                 snap.restore()
+
+
+def model_storages(model: Any) -> set[int]:
+    """The storages of a model's parameters and buffers (from the open guard's snapshot when
+    there is one: no second walk over the modules)."""
+    if not isinstance(model, nn.Module):
+        return set()
+    with _LOCK:
+        snap = _OPEN.get(id(model))
+    if snap is not None:
+        return snap.storages()
+    return {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
 
 
 def thread_hook(module: nn.Module, hook: Callable[..., Any]) -> Any:

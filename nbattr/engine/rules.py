@@ -165,6 +165,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .batching import StorageBytes, run_chunked
 from .errors import InputError, UnsupportedOperationError
+from .guard import model_storages
 from .problem import Problem, score_gradient
 from .registry import multi_target, register
 from .rnn import unrolled_rnns
@@ -285,7 +286,6 @@ class _Op:
 
 
 _OP_CACHE: dict[Any, _Op] = {}
-_SIGNATURES: dict[Any, inspect.Signature | None] = {}
 
 
 def _op_name(func: Any) -> _Op:
@@ -316,23 +316,45 @@ def _bound_argument(func: Any, args: tuple, kwargs: dict, index: int | None, nam
     """The argument ``name`` of a call, by keyword, by signature, or at positional ``index``."""
     if name in kwargs:
         return kwargs[name]
-    if func not in _SIGNATURES:
-        try:
-            _SIGNATURES[func] = inspect.signature(func)
-        except (TypeError, ValueError):
-            _SIGNATURES[func] = None
-    sig = _SIGNATURES[func]
-    if sig is not None and name in sig.parameters:
-        try:
-            bound = sig.bind(*args, **kwargs)
-        except TypeError:
-            bound = None
-        if bound is not None:
-            bound.apply_defaults()
-            return bound.arguments.get(name, default)
+    slot = _slot(func, name)
+    if slot is not None:
+        position, fallback = slot
+        if position is not None and len(args) > position:
+            return args[position]
+        return default if fallback is inspect.Parameter.empty else fallback
     if index is not None and len(args) > index:
         return args[index]
     return default
+
+
+_SLOTS: dict[tuple[Any, str], tuple[int | None, Any] | None] = {}
+
+
+def _slot(func: Any, name: str) -> tuple[int | None, Any] | None:
+    """Where the parameter ``name`` of ``func`` sits: (its position, None if keyword-only; its
+    default), from the signature, once per function; None without a signature naming it."""
+    key = (func, name)
+    try:
+        return _SLOTS[key]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable callable
+        return None
+    try:
+        params = list(inspect.signature(func).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    slot = None
+    for i, q in enumerate(params):
+        if q.kind == q.VAR_POSITIONAL and all(r.name != name for r in params[i:]):
+            break
+        if q.name == name:
+            positional = q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD) and all(
+                r.kind != r.VAR_POSITIONAL for r in params[:i])
+            slot = (i if positional else None, q.default)
+            break
+    _SLOTS[key] = slot
+    return slot
 
 
 def _writes_input(func: Any, op: _Op, args: tuple, kwargs: dict) -> bool:
@@ -349,10 +371,20 @@ def flatten_call(args: tuple, kwargs: dict) -> tuple[list[Any], Any]:
     """``tree_flatten((args, kwargs))``, fast for the usual call (no containers among the
     arguments: a conv, an activation, an addition), where pytree's generic walk is most of the
     mode's cost per call. Its spec goes back to :func:`unflatten_call`."""
-    if not any(isinstance(v, _CONTAINERS) for v in args) and not any(
-            isinstance(v, _CONTAINERS) for v in kwargs.values()):
+    if all(map(_opaque, args)) and all(map(_opaque, kwargs.values())):
         return [*args, *kwargs.values()], (len(args), tuple(kwargs))
     return tree_flatten((args, kwargs))
+
+
+def _opaque(v: Any) -> bool:
+    """Whether ``v`` can be a leaf of :func:`flatten_call` as it is: not a container, or a plain
+    tuple or list of numbers (a conv's stride, a reduction's dims), which no rule looks into."""
+    if not isinstance(v, _CONTAINERS):
+        return True
+    return type(v) in (tuple, list) and all(type(e) in _NUMBERS for e in v)
+
+
+_NUMBERS = (int, float, bool, type(None))
 
 
 def unflatten_call(leaves: list[Any], spec: Any) -> tuple[tuple, dict]:
@@ -481,7 +513,7 @@ SYNC_FREE_DEVICES = {"cpu"}
 def _all_finite(m: Tensor) -> bool:
     """Whether every element of ``m`` is finite, known without waiting for the device: one
     reduction on :data:`SYNC_FREE_DEVICES`, else False (the caller then builds its mask)."""
-    return m.device.type in SYNC_FREE_DEVICES and bool(torch.isfinite(m.sum()))
+    return m.device.type in SYNC_FREE_DEVICES and math.isfinite(m.sum().item())
 
 
 def _nonfinite(m: Tensor) -> Tensor | None:
@@ -1484,12 +1516,6 @@ def _tape_bytes(tape: list[_TapeEntry] | None, exclude: set[int]) -> int:
     return counter.bytes
 
 
-def _model_storages(model: Any) -> set[int]:
-    if not isinstance(model, torch.nn.Module):
-        return set()
-    return {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-
-
 def _ops_text(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} (x{v})" for k, v in counts.items())
 
@@ -1518,7 +1544,7 @@ def _modified_gradient(p: Problem, method: str, multiplier: Multiplier, *, refer
     unsupported: dict[str, int] = {}
     row_bytes = (2 + p.k) * p.inputs[0].numel() * p.inputs.element_size()
     recorded, replayed = (p.inputs, p.baselines) if at_reference else (p.baselines, p.inputs)
-    weights = _model_storages(p.model) if reference else set()
+    weights = model_storages(p.model) if reference else set()
 
     def work(sl: slice) -> int:
         rows = torch.arange(sl.start, sl.stop, device=p.device)

@@ -1,0 +1,106 @@
+"""The guard restores a model whatever happens inside it (parts not covered by the method tests)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from nbattr.engine.guard import model_guard, model_storages
+from nbattr.engine.rules import _bound_argument
+
+
+class Mixed(nn.Module):
+    """Buffers of three dtypes (one non-contiguous), a tied parameter, a frozen one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.b = nn.Linear(3, 3)
+        self.b.weight = self.a.weight  # tied: one parameter, two modules
+        self.a.bias.requires_grad_(False)
+        self.register_buffer("f32", torch.arange(6.0))
+        self.register_buffer("i64", torch.tensor([1, 2, 3]))
+        self.register_buffer("t", torch.arange(6.0).reshape(2, 3).t())  # non-contiguous
+        self.register_buffer("h", torch.ones(2, dtype=torch.float16))
+        self.register_buffer("none", None)
+
+
+def _snapshot(m: nn.Module) -> list:
+    return ([x.training for x in m.modules()], [p.requires_grad for p in m.parameters()],
+            [p.grad for p in m.parameters()], [b.clone() for b in m.buffers()],
+            [len(x._forward_hooks) for x in m.modules()])
+
+
+def _equal(u: list, v: list) -> bool:
+    return (u[0] == v[0] and u[1] == v[1] and all(a is b for a, b in zip(u[2], v[2], strict=True))
+            and all(torch.equal(a, b) for a, b in zip(u[3], v[3], strict=True)) and u[4] == v[4])
+
+
+@pytest.mark.parametrize("raises", [False, True])
+def test_every_change_is_undone(raises: bool) -> None:
+    m = Mixed().train()
+    m.b.training = False
+    before = _snapshot(m)
+    global_before = set(nn.modules.module._global_forward_hooks)
+    stride = m.t.stride()
+    with pytest.raises(RuntimeError, match="boom") if raises else torch.no_grad():
+        with model_guard(m):
+            assert not any(p.requires_grad for p in m.parameters())
+            m.f32.add_(1)
+            m.i64[0] = 7
+            m.t.mul_(2)  # written through its strides
+            m.h.fill_(3)
+            m.eval()
+            m.a.weight.grad = torch.ones(3, 3)
+            m.a.register_forward_hook(lambda *a: None)
+            nn.modules.module.register_module_forward_hook(lambda *a: None)
+            if raises:
+                raise RuntimeError("boom")
+    assert _equal(before, _snapshot(m))
+    assert m.t.stride() == stride  # restored in place, not replaced
+    assert set(nn.modules.module._global_forward_hooks) == global_before
+
+
+def test_unchanged_buffers_stay_the_same_tensors() -> None:
+    m = Mixed()
+    ids = [id(b) for b in m.buffers()]
+    versions = [b._version for b in m.buffers()]
+    with model_guard(m):
+        pass
+    assert [id(b) for b in m.buffers()] == ids
+    assert [b._version for b in m.buffers()] == versions  # nothing copied back
+
+
+def test_a_resized_buffer_is_left_and_the_others_restored() -> None:
+    m = Mixed()
+    with model_guard(m):
+        m.f32.resize_(2)
+        m.i64.zero_()
+        m.t.zero_()
+    assert m.f32.shape == (2,)  # nothing to copy into (a model that resizes owns its buffer)
+    assert torch.equal(m.i64, torch.tensor([1, 2, 3]))
+    assert torch.equal(m.t, torch.arange(6.0).reshape(2, 3).t())
+
+
+def test_model_storages_inside_and_outside_a_guard() -> None:
+    m = Mixed()
+    outside = model_storages(m)
+    with model_guard(m):
+        assert model_storages(m) == outside
+    assert m.a.weight.untyped_storage().data_ptr() in outside and model_storages(object()) == set()
+
+
+def _f(x: torch.Tensor, lo: float = -1.0, *rest: int, hi: float = 1.0, flag: bool = False) -> None:
+    pass
+
+
+def test_bound_argument_by_keyword_position_and_default() -> None:
+    t = torch.zeros(1)
+    assert _bound_argument(_f, (t, 0.5), {}, None, "lo", None) == 0.5
+    assert _bound_argument(_f, (t,), {}, None, "lo", None) == -1.0
+    assert _bound_argument(_f, (t, 0.5, 9), {}, 2, "hi", None) == 1.0  # keyword-only: never positional
+    assert _bound_argument(_f, (t,), {"hi": 2.0}, None, "hi", None) == 2.0
+    assert _bound_argument(_f, (), {}, None, "x", "none") == "none"  # no default, not given
+    assert _bound_argument(torch.nn.functional.hardtanh, (t, -2.0), {}, 1, "min_val", -1.0) == -2.0
+    assert _bound_argument(torch.nn.functional.relu6, (t, True), {}, None, "inplace", False) is True
