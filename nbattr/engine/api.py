@@ -93,7 +93,8 @@ def attribute(
     check_cancelled()  # besides before every chunk: also before a method without chunks starts
     with model_guard(model):
         problem = Problem(model, x, target=target, baseline=baseline, layer=layer, batch_size=batch_size,
-                          record=record, keep_graph=getattr(info.fn, "keep_first_graph", False))
+                          record=record, keep_graph=getattr(info.fn, "keep_first_graph", False),
+                          measure=getattr(info.fn, "measure_first_forward", False))
         if not problem.multi:
             return info.fn(problem, **opts)
         if getattr(info.fn, "multi_target", False):

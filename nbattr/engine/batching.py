@@ -130,6 +130,7 @@ def run_chunked(
     row_bytes: int = 0,
     stats: dict | None = None,
     per_row: int | None = None,
+    saves: bool = True,
 ) -> None:
     """Call ``fn(rows)`` on consecutive slices covering ``range(total)``.
 
@@ -147,6 +148,9 @@ def run_chunked(
     per_row : bytes per row measured by an earlier call on the same kind of rows (its
         ``stats["row_bytes"]``): with ``"auto"``, size the chunks from it without a probe chunk
         (``steps="auto"`` runs one pass per refinement round).
+    saves : False for work without gradients (forward passes under ``no_grad``): autograd saves
+        nothing, so ``"auto"`` sizes every chunk from ``row_bytes`` at once (a probe chunk would
+        measure nothing).
     """
     if total <= 0:
         return
@@ -162,6 +166,8 @@ def run_chunked(
     start = 0
     measured = False
     w = _WATCH.get()
+    if auto and not saves:
+        per_row = per_row or max(1, row_bytes)
     if auto and per_row:
         cap = CPU_MAX_ROWS if device.type == "cpu" else total
         size = max(1, min(total, cap, memory_budget(device) // per_row))

@@ -471,6 +471,9 @@ def integrated_gradients(p: Problem, *, steps: int | str = 50, rule: str = "gaus
     )
 
 
+integrated_gradients.measure_first_forward = True  # type: ignore[attr-defined]  # Problem.saved_row_bytes: no probe chunk
+
+
 @register(
     "interior_gradients",
     "Gradients at the scaled inputs x' + a(x - x') for a in (0, 1] (Sundararajan et al., eq. 3); "
@@ -505,6 +508,9 @@ def interior_gradients(p: Problem, *, steps: int = 50, rule: str = "gauss_legend
                 "multiply_by_inputs": multiply_by_inputs},
         alphas=alphas, path_outputs=pp.scores, path_gradients=pp.grads,
     )
+
+
+interior_gradients.measure_first_forward = True  # type: ignore[attr-defined]  # Problem.saved_row_bytes: no probe chunk
 
 
 SMOOTHGRAD_VARIANTS = ("smoothgrad", "smoothgrad_sq", "vargrad")
@@ -555,3 +561,6 @@ def smoothgrad(p: Problem, *, samples: int = 50, noise_level: float = 0.15, vari
     return p.result("smoothgrad", out, params={"samples": samples, "noise_level": noise_level,
                                                "variant": variant, "seed": seed,
                                                "multiply_by_inputs": multiply_by_inputs})
+
+
+smoothgrad.measure_first_forward = True  # type: ignore[attr-defined]  # Problem.saved_row_bytes: no probe chunk

@@ -19,9 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from . import baselines as _baselines
-from .batching import PROBE_ROWS, BatchSize, run_chunked
+from .batching import PROBE_ROWS, BatchSize, StorageBytes, run_chunked
 from .errors import InputError, NoGradientPathError, TargetError
-from .guard import thread_hook
+from .guard import model_storages, thread_hook
 from .result import Attribution
 
 TargetSpec = int | str | Sequence[int] | Sequence[Sequence[int]] | Tensor | None
@@ -186,6 +186,7 @@ class Problem:
         batch_size: BatchSize = "auto",
         record: Callable[[], Any] | None = None,
         keep_graph: bool = False,
+        measure: bool = False,
     ) -> None:
         if not callable(model):
             raise InputError(f"model must be an nn.Module or a callable, got {type(model).__name__}")
@@ -216,6 +217,11 @@ class Problem:
         #: ``PROBE_ROWS`` examples with ``batch_size="auto"``, input attribution): the gradient at
         #: ``x`` then needs no second forward (see :meth:`take_first_graph`)
         self.first_graph: tuple[Tensor, Tensor] | None = None
+        self._measure = measure
+        #: bytes autograd saves per example in a forward at ``x`` (``measure``, at most
+        #: ``PROBE_ROWS`` examples, ``batch_size="auto"``, input attribution: the first forward
+        #: runs with grad and counts them), so the gradient passes need no probe chunk
+        self.saved_row_bytes: int | None = None
         self.device = model_device(model, x.device)
         self.batch_size = batch_size
         self.stats: dict[str, Any] = {}
@@ -256,8 +262,8 @@ class Problem:
                         f"the model maps x of shape {tuple(x.shape)} to an output of shape "
                         f"{tuple(full.shape)}; expected (N, C) or (N,) with N = {x.shape[0]}"
                     ) from None
-                if full.dim() < 1 or full.shape[0] != 1:
-                    if err is not None:
+                if full.dim() not in (1, 2) or full.shape[0] != 1:
+                    if err is not None:  # x[None] is no better: the model's own error stands
                         raise err
                     raise InputError(f"the model's output has shape {tuple(full.shape)}; "
                                      "expected (N, C) or (N,)")
@@ -297,9 +303,16 @@ class Problem:
         # one chunk's worth of rows: the first forward may keep what a method will reuse
         few = x.shape[0] <= (PROBE_ROWS if self.batch_size == "auto" else self.batch_size)
         mode = self._record() if self._record is not None and few else None
-        self.first_tape = self.first_graph = None
+        self.first_tape = self.first_graph = self.saved_row_bytes = None
         with torch.no_grad():
             if self.layer is None:
+                if self._measure and mode is None and few and self.batch_size == "auto":
+                    counter = StorageBytes(model_storages(self.model))  # the weights are not per row
+                    leaf = x.detach().clone().requires_grad_(True)
+                    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+                        out = self.model(leaf.clone(memory_format=layout))
+                    self.saved_row_bytes = max(1, counter.bytes // x.shape[0])
+                    return out.detach(), x
                 # a copy: a model may work in place on its input, and x (the caller's data) stays
                 if self._keep_graph and mode is None and few:
                     leaf = x.detach().clone().requires_grad_(True)
@@ -516,8 +529,11 @@ class Problem:
                 g = score_gradient(s, z)
             consume(idx, rows, s.detach(), g)
 
+        per_row = self.stats.get("row_bytes") if reuse_probe else None
+        if per_row is None and self.saved_row_bytes is not None:
+            per_row = self.saved_row_bytes + row_bytes  # measured by the first forward
         run_chunked(total, work, batch_size=self.batch_size, device=self.device, row_bytes=row_bytes,
-                    stats=self.stats, per_row=self.stats.get("row_bytes") if reuse_probe else None)
+                    stats=self.stats, per_row=per_row)
 
     def eval_pass(
         self,
@@ -536,7 +552,7 @@ class Problem:
 
         # No autograd graph is saved without gradients: size chunks from the inputs alone.
         run_chunked(total, work, batch_size=self.batch_size, device=self.device,
-                    row_bytes=row_bytes, stats=self.stats)
+                    row_bytes=row_bytes, stats=self.stats, saves=False)
 
     # -- the result --------------------------------------------------------------------------
     def result(

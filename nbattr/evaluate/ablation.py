@@ -250,7 +250,7 @@ def ablation_curve(
                 scores[k, rows] = score(p.forward_full(z, rows), rows)
 
         row_bytes = 4 * xb[0].numel() * xb.element_size()
-        run_chunked(s * n, work, batch_size=batch_size, device=p.device, row_bytes=row_bytes)
+        run_chunked(s * n, work, batch_size=batch_size, device=p.device, row_bytes=row_bytes, saves=False)
         all_rows = torch.arange(n, device=p.device)
         with torch.no_grad():
             original = score(p.logits, all_rows)

@@ -215,7 +215,8 @@ def saturation(
                             cos[name][k, rows] = 1.0 - c
 
             row_bytes = 4 * p.inputs[0].numel() * p.inputs.element_size()
-            run_chunked(s * n, work, batch_size=batch_size, device=p.device, row_bytes=row_bytes)
+            run_chunked(s * n, work, batch_size=batch_size, device=p.device, row_bytes=row_bytes,
+                        saves=False)
     return SaturationResult(
         alphas=alphas.cpu(), target=p.target.cpu(), logits=logits.cpu(),
         probs=None if probs is None else probs.cpu(),

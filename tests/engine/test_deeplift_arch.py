@@ -18,7 +18,6 @@ from torch import nn
 
 import nbattr
 from nbattr.engine import rules
-from nbattr.engine.errors import InputError
 
 from .models import mode_stack_empty
 
@@ -633,7 +632,7 @@ class FailsAfter(nn.Module):
 # call 1: Problem's forward (deeplift: taped), 2: the pass with the rules
 @pytest.mark.parametrize(("method", "fail_on"), [("deeplift", 1), ("deeplift", 2), ("epsilon_lrp", 2)])
 def test_no_mode_left_after_an_exception(method, fail_on):
-    with pytest.raises(InputError if fail_on == 1 else RuntimeError, match="boom|output has shape"):
+    with pytest.raises(RuntimeError, match="boom"):
         nbattr.attribute(FailsAfter(fail_on), torch.randn(3, 6), method=method)
     assert mode_stack_empty()
 

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import nbattr
-from nbattr.engine.batching import run_chunked
+from nbattr.engine.batching import PROBE_ROWS, run_chunked
+from nbattr.engine.problem import Problem
 
 from .models import cnn, mlp
 
@@ -188,6 +189,63 @@ def test_run_chunked_rejects_bad_batch_size_and_retries_oom(monkeypatch: pytest.
     assert sum(seen) == 7 and max(seen) <= 2
     with pytest.raises(FakeOOM):  # on CPU nothing is retried
         run_chunked(7, work, batch_size=8)
+
+
+def test_run_chunked_without_gradients_needs_no_probe_chunk() -> None:
+    """Work under no_grad saves nothing for backward: "auto" sizes the chunks at once (a first
+    chunk of PROBE_ROWS rows would measure nothing); gradient work still starts with the probe."""
+    seen: list[int] = []
+    stats: dict = {}
+    run_chunked(70, lambda s: seen.append(s.stop - s.start), row_bytes=1000, saves=False, stats=stats)
+    assert seen == [32, 32, 6] and stats["chunks"] == seen
+    seen.clear()
+    run_chunked(70, lambda s: seen.append(s.stop - s.start), row_bytes=1000)
+    assert seen[0] == PROBE_ROWS and sum(seen) == 70
+    seen.clear()
+    run_chunked(10, lambda s: seen.append(s.stop - s.start), row_bytes=2**29, saves=False)
+    assert seen == [2] * 5  # a 1 GiB budget at 512 MiB a row
+
+
+def test_occlusion_runs_its_first_chunk_full() -> None:
+    m = nn.Sequential(nn.Flatten(), nn.Linear(48, 3))
+    r = nbattr.attribute(m, torch.rand(2, 3, 4, 4), method="occlusion", window=1, target=0)
+    assert r.params["chunks"][0] == 32 and sum(r.params["chunks"]) == 2 * 16
+
+
+def test_gradient_methods_size_chunks_from_the_first_forward() -> None:
+    """IG, interior gradients and SmoothGrad on a few examples: the first forward at x counts the
+    bytes autograd saves per example (without the weights, which are not per row), so the path
+    runs in full chunks from the start; the result equals a fixed batch size's."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 512), nn.ReLU(), nn.Linear(512, 3)).double()
+    x = torch.randn(2, 6, dtype=torch.float64)
+    for method, kw in [("integrated_gradients", {"steps": 16}), ("interior_gradients", {"steps": 15}),
+                       ("smoothgrad", {"samples": 16, "seed": 1})]:
+        r = nbattr.attribute(m, x, method=method, target=0, **kw)
+        assert r.params["chunks"] == [32], (method, r.params["chunks"])
+        fixed = nbattr.attribute(m, x, method=method, target=0, batch_size=5, **kw)
+        torch.testing.assert_close(r.attributions, fixed.attributions)
+    p = Problem(m, x, measure=True)
+    # per example: the ReLU's output, which the second Linear saves too (one storage, 512 float64)
+    # and the input (6), not the 512x6 + 3x512 weights (37 KB) that the graph also holds
+    assert p.saved_row_bytes == (512 + 6) * 8
+    assert Problem(m, torch.randn(8, 6, dtype=torch.float64), measure=True).saved_row_bytes is None  # > PROBE_ROWS
+
+
+def test_a_model_error_on_the_batch_is_not_hidden_by_the_unbatched_retry() -> None:
+    class FailsOnce(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.calls = nn.Linear(6, 3), 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            if self.calls == 1:
+                raise RuntimeError("boom")
+            return self.fc(x)  # x[None] would give (1, 2, 3)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        nbattr.attribute(FailsOnce(), torch.rand(2, 6), method="saliency")
 
 
 class InPlaceOnInput(nn.Module):
