@@ -32,6 +32,13 @@ def _hook_keys(m: nn.Module) -> dict[str, set]:
     return {name: set(d) for name in _HOOK_DICTS if (d := getattr(m, name, None))}
 
 
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    try:
+        return torch.equal(a, b)
+    except (RuntimeError, NotImplementedError):  # no comparison for its layout (sparse): copy back
+        return False
+
+
 def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1) for t in tensors]) if tensors else torch.empty(0)
 
@@ -60,9 +67,12 @@ class _Snapshot:
         # Buffers by dtype and device, each group saved as one flat copy: restoring compares one
         # tensor per group and only walks a group whose values changed.
         groups: dict[tuple, list[torch.Tensor]] = {}
-        for b in buffers.values():
-            groups.setdefault((b.dtype, b.device), []).append(b)
-        self.buffers = [(group, [tuple(b.shape) for b in group], _flat(group)) for group in groups.values()]
+        for b in buffers.values():  # (a sparse or otherwise unusual buffer: a group of its own)
+            key = (b.dtype, b.device) if b.layout == torch.strided and type(b) is torch.Tensor else (id(b),)
+            groups.setdefault(key, []).append(b)
+        self.buffers = [(group, [tuple(b.shape) for b in group],
+                         _flat(group) if len(group) > 1 else group[0].detach().clone())
+                        for group in groups.values()]
         self.depth = 0
 
     def storages(self) -> set[int]:
@@ -80,6 +90,10 @@ class _Snapshot:
                 p.grad = g
         with torch.no_grad():
             for group, shapes, saved in self.buffers:
+                if len(group) == 1:
+                    if tuple(group[0].shape) == shapes[0] and not _equal(group[0], saved):
+                        group[0].copy_(saved)
+                    continue
                 if [tuple(b.shape) for b in group] == shapes and torch.equal(_flat(group), saved):
                     continue
                 offset = 0

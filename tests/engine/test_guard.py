@@ -83,6 +83,14 @@ def test_a_resized_buffer_is_left_and_the_others_restored() -> None:
     assert torch.equal(m.t, torch.arange(6.0).reshape(2, 3).t())
 
 
+def test_a_sparse_buffer_is_restored() -> None:
+    m = nn.Linear(3, 3)
+    m.register_buffer("s", torch.eye(3).to_sparse())  # torch.equal has no sparse kernel
+    with model_guard(m):
+        m.s.mul_(2)
+    assert torch.equal(m.s.to_dense(), torch.eye(3))
+
+
 def test_model_storages_inside_and_outside_a_guard() -> None:
     m = Mixed()
     outside = model_storages(m)
