@@ -97,15 +97,19 @@ class _ReplaceOutput:
 
 
 class _Capture:
-    """Forward hook that records a layer's output (removed on exit)."""
+    """Forward hook that records a layer's output (removed on exit). With ``leaf`` the model goes
+    on with a detached copy that requires grad (what the gradient passes differentiate by)."""
 
-    def __init__(self, layer: nn.Module) -> None:
-        self.layer, self.value, self.handle, self.calls = layer, None, None, 0
+    def __init__(self, layer: nn.Module, leaf: bool = False) -> None:
+        self.layer, self.value, self.handle, self.calls, self.leaf = layer, None, None, 0, leaf
 
     def __enter__(self) -> _Capture:
-        def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
+        def hook(_m: nn.Module, _inp: Any, out: Any) -> Any:
             self.calls += 1
             self.value = out
+            if self.leaf and isinstance(out, Tensor) and out.is_floating_point():
+                return out.detach().requires_grad_(True)
+            return None
 
         self.handle = thread_hook(self.layer, hook)
         return self
@@ -304,12 +308,16 @@ class Problem:
         few = x.shape[0] <= (PROBE_ROWS if self.batch_size == "auto" else self.batch_size)
         mode = self._record() if self._record is not None and few else None
         self.first_tape = self.first_graph = self.saved_row_bytes = None
+        # ``measure``: run with grad and count what autograd saves (the weights are not per row)
+        measure = self._measure and mode is None and few and self.batch_size == "auto"
+        counter = StorageBytes(model_storages(self.model)) if measure else None
+        counting = (torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack)
+                    if counter is not None else contextlib.nullcontext())
         with torch.no_grad():
             if self.layer is None:
-                if self._measure and mode is None and few and self.batch_size == "auto":
-                    counter = StorageBytes(model_storages(self.model))  # the weights are not per row
+                if counter is not None:
                     leaf = x.detach().clone().requires_grad_(True)
-                    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+                    with torch.enable_grad(), counting:
                         out = self.model(leaf.clone(memory_format=layout))
                     self.saved_row_bytes = max(1, counter.bytes // x.shape[0])
                     return out.detach(), x
@@ -327,8 +335,14 @@ class Problem:
                     out = self.model(z)
                 self.first_tape = mode
                 return out, x
-            with _Capture(self.layer) as cap, (mode if mode is not None else contextlib.nullcontext()):
+            with (_Capture(self.layer, leaf=counter is not None) as cap,
+                  (mode if mode is not None else contextlib.nullcontext()),
+                  torch.set_grad_enabled(counter is not None), counting):
                 out = self.model(x.clone())
+            if counter is not None:
+                out = out.detach() if isinstance(out, Tensor) else out
+                if cap.calls == 1:
+                    self.saved_row_bytes = max(1, counter.bytes // x.shape[0])
             self.first_tape = mode
             if cap.calls == 0:
                 raise InputError(f"layer {type(self.layer).__name__} was not called by the model's "

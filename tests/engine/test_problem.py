@@ -8,6 +8,7 @@ from torch import nn
 
 import nbattr
 from nbattr.engine.batching import PROBE_ROWS, run_chunked
+from nbattr.engine.guard import model_guard
 from nbattr.engine.problem import Problem
 
 from .models import cnn, mlp
@@ -225,11 +226,31 @@ def test_gradient_methods_size_chunks_from_the_first_forward() -> None:
         assert r.params["chunks"] == [32], (method, r.params["chunks"])
         fixed = nbattr.attribute(m, x, method=method, target=0, batch_size=5, **kw)
         torch.testing.assert_close(r.attributions, fixed.attributions)
-    p = Problem(m, x, measure=True)
-    # per example: the ReLU's output, which the second Linear saves too (one storage, 512 float64)
-    # and the input (6), not the 512x6 + 3x512 weights (37 KB) that the graph also holds
-    assert p.saved_row_bytes == (512 + 6) * 8
+    with model_guard(m):  # as in attribute(): no parameter needs a gradient
+        p = Problem(m, x, measure=True)
+    # per example: the ReLU's output, which the second Linear saves too (one storage, 512 float64),
+    # not the 512x6 + 3x512 weights (37 KB) that the graph also holds
+    assert p.saved_row_bytes == 512 * 8
     assert Problem(m, torch.randn(8, 6, dtype=torch.float64), measure=True).saved_row_bytes is None  # > PROBE_ROWS
+
+
+def test_layer_attribution_sizes_chunks_from_the_first_forward() -> None:
+    """With ``layer`` the first forward differentiates by the layer's output (a hook hands the rest
+    of the model a leaf that requires grad) and counts what is saved after it."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(20, 16)
+    m = nn.Sequential(emb, nn.Flatten(), nn.Linear(5 * 16, 64), nn.Tanh(), nn.Linear(64, 3))
+    ids = torch.randint(0, 20, (2, 5))
+    r = nbattr.attribute(m, ids, layer=emb, steps=16, target=0)
+    assert r.params["chunks"] == [32]
+    fixed = nbattr.attribute(m, ids, layer=emb, steps=16, target=0, batch_size=7)
+    torch.testing.assert_close(r.attributions, fixed.attributions)
+    assert r.delta.abs().max() < 1e-4
+    with model_guard(m):
+        p = Problem(m, ids, layer=emb, measure=True)
+    # per row: tanh's output (64 values; the Linears, whose weights need no gradient, save no input)
+    assert p.saved_row_bytes == 64 * emb.weight.element_size()
+    assert not p.inputs.requires_grad and p.logits.grad_fn is None
 
 
 def test_a_model_error_on_the_batch_is_not_hidden_by_the_unbatched_retry() -> None:
