@@ -124,6 +124,14 @@ class PathPass:
 
         p.gradient_pass(self.alphas.shape[0] * n, points, consume)
 
+    def endpoint_outputs(self) -> dict[str, Tensor]:
+        """``{"baseline_outputs": F(x')}`` from the path's own scores when its first point is
+        alpha = 0 (the point is x' exactly: trapezoid, left Riemann, the widget's frames), so the
+        result needs no forward pass at the baselines; else empty."""
+        if self.path is None and float(self.alphas[0]) == 0.0:
+            return {"baseline_outputs": self.scores[0]}
+        return {}
+
 
 def custom_path_points(p: Problem, path: Callable[[Tensor], Tensor], alphas: Tensor,
                        rows: Tensor) -> tuple[Tensor, Tensor]:
@@ -204,16 +212,18 @@ class AdaptivePath:
     """
 
     def __init__(self, p: Problem, tol: float, max_steps: int, keep: bool,
-                 path: Callable[[Tensor], Tensor] | None, baseline_outputs: Tensor,
+                 path: Callable[[Tensor], Tensor] | None, baseline_outputs: Tensor | None,
                  scheme: str = AUTO_RULES[0]) -> None:
         self.p, self.tol, self.max_steps, self.keep, self.path = p, tol, max_steps, keep, path
         self.scheme = scheme
         self.diff = p.inputs - p.baselines if path is None else None
-        fx = p.outputs.double().cpu().reshape(p.n, -1).numpy()  # (N, K)
-        fb = baseline_outputs.double().cpu().reshape(p.n, -1).numpy()
-        self.gap = fx - fb
-        scale = np.maximum(np.abs(self.gap), AUTO_FLOOR * np.maximum(np.abs(fx), np.abs(fb)))
-        self.thr = tol * scale  # (N, K)
+        #: F(x'): given, or (None) the scores at alpha = 0, which every first grid has (the point
+        #: is x' exactly, so no forward pass at the baselines is needed)
+        self.baseline_outputs = baseline_outputs
+        self._derived = baseline_outputs is None
+        self.gap = self.thr = None
+        if baseline_outputs is not None:
+            self._set_gap(baseline_outputs)
         # per example: alpha -> (round, position); alpha -> score (K,) and path derivative (K,)
         self.where: list[dict[float, tuple[int, int]]] = [{} for _ in range(p.n)]
         self.score: list[dict[float, np.ndarray]] = [{} for _ in range(p.n)]
@@ -221,7 +231,14 @@ class AdaptivePath:
         self.panels: list[list[tuple[float, float]]] = [[] for _ in range(p.n)]
         self.rounds: list[dict[str, Tensor | None]] = []
         self.chunks: list[int] = []
-        self.delta = np.full_like(self.gap, np.nan)
+        self.delta = np.full((p.n, p.outputs.reshape(p.n, -1).shape[1]), np.nan)
+
+    def _set_gap(self, baseline_outputs: Tensor) -> None:
+        fx = self.p.outputs.double().cpu().reshape(self.p.n, -1).numpy()  # (N, K)
+        fb = baseline_outputs.double().cpu().reshape(self.p.n, -1).numpy()
+        self.gap = fx - fb
+        scale = np.maximum(np.abs(self.gap), AUTO_FLOOR * np.maximum(np.abs(fx), np.abs(fb)))
+        self.thr = self.tol * scale  # (N, K)
 
     # -- one gradient pass over the new (alpha, example) pairs of a round ----------------------
     def _evaluate(self, alphas: list[float], rows: list[int]) -> None:
@@ -260,6 +277,10 @@ class AdaptivePath:
             self.where[i][a] = (r, j)
             self.score[i][a] = sc_np[j]
             self.fprime[i][a] = fp_np[j]
+        if self.gap is None:  # the first round: F(x') is its score at alpha = 0
+            at0 = {i: j for j, (a, i) in enumerate(zip(alphas, rows)) if a == 0.0}
+            self.baseline_outputs = scores[torch.tensor([at0[i] for i in range(p.n)], device=p.device)]
+            self._set_gap(self.baseline_outputs)
 
     def _panel(self, i: int, a: float, b: float) -> tuple[np.ndarray, np.ndarray]:
         """Simpson's value of the integral of f' on [a, b] and its exact error, each (K,)."""
@@ -382,6 +403,8 @@ class AdaptivePath:
             if path_gradients is not None:
                 path_gradients[k, rd["rows"]] = rd["grads"]
         fields = {"alphas": alphas, "path_outputs": path_outputs, "path_gradients": path_gradients}
+        if self._derived:
+            fields["baseline_outputs"] = self.baseline_outputs
         return attributions, fields
 
 
@@ -441,8 +464,7 @@ def integrated_gradients(p: Problem, *, steps: int | str = 50, rule: str = "gaus
         else:
             raise InputError(f"steps='auto' refines one of the nested schemes {AUTO_RULES}; rule={rule!r} is "
                              "a fixed rule: give steps=<int> with it, or leave rule out")
-        ad = AdaptivePath(p, tol_, max_steps_, keep_path, path,
-                          extra.get("baseline_outputs", p.baseline_outputs if path is None else None), scheme)
+        ad = AdaptivePath(p, tol_, max_steps_, keep_path, path, extra.get("baseline_outputs"), scheme)
         ad.run()
         attributions, fields = ad.finish()
         p.stats["chunks"] = ad.chunks
@@ -464,6 +486,8 @@ def integrated_gradients(p: Problem, *, steps: int | str = 50, rule: str = "gaus
     pp = PathPass(p, alphas, weights, keep=keep_path, path=path)
     pp.run()
     attributions = _per_target(p, pp.diff) * pp.integral if path is None else pp.integral
+    if path is None:
+        extra.update(pp.endpoint_outputs())
     return p.result(
         "integrated_gradients", attributions, completeness=True, uses_baseline=True,
         params={"steps": int(steps), "rule": rule, "path": path_name},
@@ -506,7 +530,7 @@ def interior_gradients(p: Problem, *, steps: int = 50, rule: str = "gauss_legend
         "interior_gradients", attributions, uses_baseline=True,
         params={"steps": int(steps), "rule": rule, "alpha": float(alphas[k]),
                 "multiply_by_inputs": multiply_by_inputs},
-        alphas=alphas, path_outputs=pp.scores, path_gradients=pp.grads,
+        alphas=alphas, path_outputs=pp.scores, path_gradients=pp.grads, **pp.endpoint_outputs(),
     )
 
 

@@ -185,9 +185,40 @@ def test_auto_batching_under_small_budget(monkeypatch: pytest.MonkeyPatch) -> No
     m.calls.clear()
     r = nbattr.attribute(m, x, steps=16)
     chunks = r.params["chunks"]
-    assert sum(chunks) == 32 and len(chunks) > 2 and chunks[0] == batching.PROBE_ROWS
+    # 2 examples: the first forward measured the bytes per row, so no probe chunk comes first
+    assert sum(chunks) == 32 and len(chunks) > 2 and len(set(chunks[:-1])) == 1
     assert r.params["batch_size"] == "auto"
     torch.testing.assert_close(r.attributions, ref.attributions, rtol=1e-12, atol=1e-12)
+    x8 = torch.randn(8, 3, 16, 16)  # more than PROBE_ROWS examples: the first chunk measures
+    big = nbattr.attribute(m, x8, steps=4)
+    assert big.params["chunks"][0] == batching.PROBE_ROWS and sum(big.params["chunks"]) == 32
+    torch.testing.assert_close(big.attributions, nbattr.attribute(m, x8, steps=4, batch_size=100).attributions,
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["integrated_gradients", "interior_gradients"])
+def test_a_path_starting_at_the_baseline_needs_no_baseline_forward(method: str) -> None:
+    """With alpha = 0 among the nodes (trapezoid: the widget's frames) F(x') is the path's first
+    score: the calls are the first forward at x and the path, nothing at the baselines alone."""
+    m = CallCounter(mlp(4, act=nn.Tanh))
+    x, b = torch.randn(3, 6), torch.randn(3, 6) * 0.1
+    r = nbattr.attribute(m, x, method=method, baseline=b, steps=8, rule="riemann_trapezoid", batch_size=100)
+    assert m.calls == [3, 3 * 8]  # 8 nodes from 0 to 1
+    torch.testing.assert_close(r.baseline_outputs, m.model(b)[torch.arange(3), r.target].detach(),
+                               rtol=1e-12, atol=1e-12)
+    if method == "integrated_gradients":
+        assert r.delta.abs().max() < 1e-2
+    m.calls.clear()
+    nbattr.attribute(m, x, method=method, baseline=b, steps=8, batch_size=100)  # Gauss-Legendre: no endpoint
+    assert m.calls == [3, 3 * (8 if method == "integrated_gradients" else 9), 3]
+    if method == "integrated_gradients":  # steps="auto": every first grid starts at alpha = 0
+        for rule in ("clenshaw_curtis", "adaptive_simpson"):
+            m.calls.clear()
+            r = nbattr.attribute(m, x, baseline=b, steps="auto", rule=rule, batch_size=100)
+            assert m.calls[0] == 3 and sum(m.calls) == 3 + sum(r.params["steps"])
+            torch.testing.assert_close(r.baseline_outputs, m.model(b)[torch.arange(3), r.target].detach(),
+                                       rtol=1e-12, atol=1e-12)
+            assert (r.delta.abs() <= 1e-3 * (r.outputs - r.baseline_outputs).abs() + 1e-9).all()
 
 
 def test_layer_attribution_over_embedding() -> None:
