@@ -116,7 +116,8 @@ def check_cancelled() -> None:
     _check_cancel(_WATCH.get())
 
 
-def _is_oom(err: BaseException) -> bool:
+def is_oom(err: BaseException) -> bool:
+    """Whether ``err`` is an out-of-memory error (torch's type, or its message)."""
     oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
     return isinstance(err, oom) or "out of memory" in str(err).lower()
 
@@ -190,7 +191,7 @@ def run_chunked(
             else:
                 fn(rows)
         except Exception as err:  # noqa: BLE001 - re-raised unless it is a CUDA OOM we can halve
-            if device.type == "cuda" and _is_oom(err) and n > 1:
+            if device.type == "cuda" and is_oom(err) and n > 1:
                 torch.cuda.empty_cache()
                 size = max(1, n // 2)
                 continue

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from . import baselines as _baselines
-from .batching import PROBE_ROWS, BatchSize, StorageBytes, run_chunked
+from .batching import PROBE_ROWS, BatchSize, StorageBytes, is_oom, run_chunked
 from .errors import InputError, NoGradientPathError, TargetError
 from .guard import model_storages, thread_hook
 from .result import Attribution
@@ -306,10 +306,23 @@ class Problem:
     def _first_forward_as(self, x: Tensor, layout: torch.memory_format) -> tuple[Tensor, Tensor]:
         # one chunk's worth of rows: the first forward may keep what a method will reuse
         few = x.shape[0] <= (PROBE_ROWS if self.batch_size == "auto" else self.batch_size)
+        try:
+            return self._first_forward_once(x, layout, few)
+        except Exception as err:  # noqa: BLE001 - re-raised unless an OOM of a forward with grad
+            if not (few and (self._measure or self._keep_graph) and is_oom(err)):
+                raise
+        # The forward with grad (measuring, or keeping its graph) did not fit: the plain one
+        # without grad; the gradient passes then find their size by a probe chunk and halving.
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return self._first_forward_once(x, layout, few, plain=True)
+
+    def _first_forward_once(self, x: Tensor, layout: torch.memory_format, few: bool,
+                            plain: bool = False) -> tuple[Tensor, Tensor]:
         mode = self._record() if self._record is not None and few else None
         self.first_tape = self.first_graph = self.saved_row_bytes = None
         # ``measure``: run with grad and count what autograd saves (the weights are not per row)
-        measure = self._measure and mode is None and few and self.batch_size == "auto"
+        measure = self._measure and mode is None and few and self.batch_size == "auto" and not plain
         counter = StorageBytes(model_storages(self.model)) if measure else None
         counting = (torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack)
                     if counter is not None else contextlib.nullcontext())
@@ -322,7 +335,7 @@ class Problem:
                     self.saved_row_bytes = max(1, counter.bytes // x.shape[0])
                     return out.detach(), x
                 # a copy: a model may work in place on its input, and x (the caller's data) stays
-                if self._keep_graph and mode is None and few:
+                if self._keep_graph and mode is None and few and not plain:
                     leaf = x.detach().clone().requires_grad_(True)
                     with torch.enable_grad():
                         out = self.model(leaf.clone(memory_format=layout))

@@ -234,6 +234,29 @@ def test_gradient_methods_size_chunks_from_the_first_forward() -> None:
     assert Problem(m, torch.randn(8, 6, dtype=torch.float64), measure=True).saved_row_bytes is None  # > PROBE_ROWS
 
 
+@pytest.mark.parametrize("method", ["integrated_gradients", "saliency"])
+def test_a_first_forward_with_grad_that_runs_out_of_memory_is_redone_without(method: str) -> None:
+    """Measuring (IG) or keeping the graph (saliency) makes the first forward hold activations;
+    when that does not fit, the plain forward without grad takes its place."""
+
+    class Tight(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.tries = nn.Linear(6, 3), 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if torch.is_grad_enabled() and x.shape[0] == 2 and self.tries == 0:
+                self.tries += 1
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB (simulated)")
+            return self.fc(x)
+
+    m = Tight()
+    x = torch.randn(2, 6)
+    r = nbattr.attribute(m, x, method=method, steps=4, target=0)
+    assert m.tries == 1
+    torch.testing.assert_close(r.attributions, nbattr.attribute(m.fc, x, method=method, steps=4, target=0).attributions)
+
+
 def test_layer_attribution_sizes_chunks_from_the_first_forward() -> None:
     """With ``layer`` the first forward differentiates by the layer's output (a hook hands the rest
     of the model a leaf that requires grad) and counts what is saved after it."""
