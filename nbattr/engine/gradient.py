@@ -21,7 +21,7 @@ from torch import Tensor
 from .errors import InputError
 from .paths import clenshaw_curtis, quadrature
 from .problem import Problem, score_gradient
-from .registry import multi_target, register
+from .registry import measures_first_forward, multi_target, register
 
 
 def _per_target(p: Problem, t: Tensor) -> Tensor:
@@ -430,6 +430,7 @@ def _check_auto_options(steps: int | str, tol: float | None, max_steps: int | No
     completeness=True, needs_baseline=True, multiplies_by_inputs=True, path=True,
 )
 @multi_target
+@measures_first_forward
 def integrated_gradients(p: Problem, *, steps: int | str = 50, rule: str = "gauss_legendre",
                          keep_path: bool = False, path: Callable[[Tensor], Tensor] | None = None,
                          tol: float | None = None, max_steps: int | None = None) -> object:
@@ -495,9 +496,6 @@ def integrated_gradients(p: Problem, *, steps: int | str = 50, rule: str = "gaus
     )
 
 
-integrated_gradients.measure_first_forward = True  # type: ignore[attr-defined]  # Problem.saved_row_bytes: no probe chunk
-
-
 @register(
     "interior_gradients",
     "Gradients at the scaled inputs x' + a(x - x') for a in (0, 1] (Sundararajan et al., eq. 3); "
@@ -505,6 +503,7 @@ integrated_gradients.measure_first_forward = True  # type: ignore[attr-defined] 
     needs_baseline=True, path=True,
 )
 @multi_target
+@measures_first_forward
 def interior_gradients(p: Problem, *, steps: int = 50, rule: str = "gauss_legendre", alpha: float = 1.0,
                        multiply_by_inputs: bool = True) -> object:
     """Path gradients at every node of ``rule`` plus ``alpha``; ``attributions`` is the interior
@@ -534,9 +533,6 @@ def interior_gradients(p: Problem, *, steps: int = 50, rule: str = "gauss_legend
     )
 
 
-interior_gradients.measure_first_forward = True  # type: ignore[attr-defined]  # Problem.saved_row_bytes: no probe chunk
-
-
 SMOOTHGRAD_VARIANTS = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
 
@@ -545,6 +541,7 @@ SMOOTHGRAD_VARIANTS = ("smoothgrad", "smoothgrad_sq", "vargrad")
     "Gradients averaged over noisy copies of x (Smilkov et al. 2017); variants smoothgrad_sq, vargrad.",
 )
 @multi_target
+@measures_first_forward
 def smoothgrad(p: Problem, *, samples: int = 50, noise_level: float = 0.15, variant: str = "smoothgrad",
                multiply_by_inputs: bool = False, seed: int = 0) -> object:
     """``noise_level`` is the noise's standard deviation as a fraction of each example's range."""
@@ -585,6 +582,3 @@ def smoothgrad(p: Problem, *, samples: int = 50, noise_level: float = 0.15, vari
     return p.result("smoothgrad", out, params={"samples": samples, "noise_level": noise_level,
                                                "variant": variant, "seed": seed,
                                                "multiply_by_inputs": multiply_by_inputs})
-
-
-smoothgrad.measure_first_forward = True  # type: ignore[attr-defined]  # Problem.saved_row_bytes: no probe chunk

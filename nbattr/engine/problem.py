@@ -328,18 +328,16 @@ class Problem:
                     if counter is not None else contextlib.nullcontext())
         with torch.no_grad():
             if self.layer is None:
-                if counter is not None:
+                keep = self._keep_graph and mode is None and few and not plain
+                if keep or counter is not None:  # with grad, on a leaf: measuring or keeping the graph
+                    # a copy: a model may work in place on its input, and x (the caller's data) stays
                     leaf = x.detach().clone().requires_grad_(True)
                     with torch.enable_grad(), counting:
                         out = self.model(leaf.clone(memory_format=layout))
-                    self.saved_row_bytes = max(1, counter.bytes // x.shape[0])
-                    return out.detach(), x
-                # a copy: a model may work in place on its input, and x (the caller's data) stays
-                if self._keep_graph and mode is None and few and not plain:
-                    leaf = x.detach().clone().requires_grad_(True)
-                    with torch.enable_grad():
-                        out = self.model(leaf.clone(memory_format=layout))
-                    self.first_graph = (leaf, out)
+                    if counter is not None:
+                        self.saved_row_bytes = max(1, counter.bytes // x.shape[0])
+                    if keep:
+                        self.first_graph = (leaf, out)
                     return out.detach(), x
                 z = x.clone(memory_format=layout)
                 if mode is None:

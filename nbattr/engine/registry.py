@@ -81,6 +81,14 @@ def multi_target(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def measures_first_forward(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a method whose work is gradient passes over rows like x's: with ``batch_size="auto"``
+    the problem's first forward (on up to ``PROBE_ROWS`` examples) runs with grad and counts the
+    bytes autograd saves per row, so the passes need no probe chunk (``Problem.saved_row_bytes``)."""
+    fn.measure_first_forward = True  # type: ignore[attr-defined]
+    return fn
+
+
 def get(name: str) -> MethodInfo:
     _load_builtin()
     try:
