@@ -446,20 +446,34 @@ EXACT_SECANT_OPS: frozenset[str] = frozenset({
 })
 
 
-def _clamp_derivative(lo: Any, hi: Any, strict: bool) -> Callable[[Tensor], Tensor]:
-    """The derivative of a clamp to ``[lo, hi]`` (None: unbounded) as PyTorch's autograd defines
-    it: 1 inside, 0 outside, and at a bound 0 when ``strict`` (hardtanh, relu) else 1 (clamp)."""
+#: The clamps among :data:`EXACT_SECANT_OPS`: monotone with slope 0 or 1, so every secant lies in
+#: ``[0, 1]`` and is 1 wherever ``t`` and ``t'`` both lie inside the bounds.
+CLAMP_OPS: frozenset[str] = frozenset({"relu", "relu6", "hardtanh", "clamp", "clamp_min", "clamp_max"})
 
-    def derivative(t: Tensor) -> Tensor:
-        if strict and lo is not None and hi is not None:  # hardtanh's own fused kernel, one pass
-            return torch.ops.aten.hardtanh_backward(torch.ones((), dtype=t.dtype, device=t.device)
-                                                    .expand_as(t), t, lo, hi)
+#: The derivative of an elementwise op times ``g`` (``g`` None: times 1), in PyTorch's convention.
+Derivative = Callable[[Tensor, "Tensor | None"], Tensor]
+
+
+def _clamp_derivative(lo: Any, hi: Any, strict: bool) -> Derivative:
+    """The derivative of a clamp to ``[lo, hi]`` (None: unbounded) as PyTorch's autograd defines
+    it: 1 inside, 0 outside, and at a bound 0 when ``strict`` (hardtanh, relu) else 1 (clamp);
+    times ``g`` if given. Relu and hardtanh use their own fused backward kernels (one float pass;
+    ops that make or read booleans cost 2-3 times a float op on a CPU)."""
+
+    def derivative(t: Tensor, g: Tensor | None = None) -> Tensor:
+        if strict and lo is not None:
+            if g is None:
+                g = torch.ones((), dtype=t.dtype, device=t.device).expand_as(t)
+            if hi is None:
+                return torch.ops.aten.threshold_backward(g, t, lo)
+            return torch.ops.aten.hardtanh_backward(g, t, lo, hi)
         inside = None
         for bound, cmp in ((lo, torch.gt if strict else torch.ge), (hi, torch.lt if strict else torch.le)):
             if bound is not None:
                 c = cmp(t, bound)
                 inside = c if inside is None else inside.logical_and_(c)
-        return torch.ones_like(t) if inside is None else inside.to(t.dtype)
+        d = torch.ones_like(t) if inside is None else inside.to(t.dtype)
+        return d if g is None else d.mul_(g)
 
     return derivative
 
@@ -468,7 +482,7 @@ def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _known_derivative(func: Any, op: _Op, args: tuple, kwargs: dict) -> Callable[[Tensor], Tensor] | None:
+def _known_derivative(func: Any, op: _Op, args: tuple, kwargs: dict) -> Derivative | None:
     """For the clamp-like :data:`EXACT_SECANT_OPS` with number arguments: a function computing
     the op's derivative (with PyTorch's convention at the kinks) in one or two elementwise passes,
     without running the op and its backward; None for any other call."""
@@ -498,9 +512,13 @@ def _known_derivative(func: Any, op: _Op, args: tuple, kwargs: dict) -> Callable
 
 
 #: ``multiplier(t, y, t_ref, y_ref, exact) -> (m, bad)``: the multiplier of ``y = f(t)`` and where
-#: (None: nowhere) the plain derivative must replace it; ``m`` may hold anything at ``bad``.
-#: ``exact`` says ``f`` is one of :data:`EXACT_SECANT_OPS`.
-Multiplier = Callable[[Tensor, Tensor, "Tensor | None", "Tensor | None", bool], "tuple[Tensor, Tensor | None]"]
+#: (None: nowhere) the plain derivative must replace it; ``m`` may hold anything at ``bad``, a
+#: boolean mask or :data:`AT_NAN`. ``exact`` says ``f`` is one of :data:`EXACT_SECANT_OPS`.
+Multiplier = Callable[[Tensor, Tensor, "Tensor | None", "Tensor | None", bool], "tuple[Tensor, Any]"]
+
+#: ``bad`` meaning: wherever ``m`` is NaN (and nowhere else). The mask (``m.isnan()``) is built
+#: only by a caller that needs one; a clamp needs none (:meth:`_Replay._apply_rule`).
+AT_NAN = object()
 
 
 #: Device types on which reading a value on the host costs nothing (no queue to drain): there a
@@ -530,8 +548,8 @@ def _rescale_multiplier(t: Tensor, y: Tensor, t_ref: Tensor | None, y_ref: Tenso
     assert t_ref is not None and y_ref is not None
     dt = t - t_ref
     m = (y - y_ref).div_(dt)
-    if exact:  # only t = t' gives a non-finite ratio (0 / 0): one reduction finds out whether any does
-        return m, (None if _all_finite(m) else dt == 0)
+    if exact:  # |f(t) - f(t')| <= |t - t'|: only 0/0 (t = t'), or inf/inf, gives a non-finite
+        return m, (None if _all_finite(m) else AT_NAN)  # ratio, a NaN; one reduction finds out
     # |t - t'| <= sqrt(machine eps) (1 + |t|): the secant is mostly rounding error there, while
     # the plain derivative differs from it by O(|t - t'|) only. (|t| ~ |t'| wherever dt is that
     # small, so |t| alone sets the scale.)
@@ -1457,11 +1475,21 @@ class _Replay(TorchFunctionMode):
         m, bad = self.multiplier(t0, y, t_ref, y_ref, op.name in EXACT_SECANT_OPS)
         plain = False
         if bad is not None:
-            if m.shape == t0.shape and sum(isinstance(v, Tensor) for v in leaves) == 1:
-                # Elementwise with scalar arguments: the plain derivative where flagged.
-                known = _known_derivative(func, op, args, kwargs)
-                if known is not None:  # clamp-like: where t = t' is common (both sides clamped
-                    m = torch.where(bad, known(t0).to(m.dtype), m, out=m)  # upstream): dense
+            elementwise = m.shape == t0.shape and sum(isinstance(v, Tensor) for v in leaves) == 1
+            known = _known_derivative(func, op, args, kwargs) if elementwise else None
+            if bad is AT_NAN and known is not None and op.name in CLAMP_OPS and t_ref is not None:
+                # A clamp, with t = t' common (both sides clamped upstream): its secants lie in
+                # [0, 1] and are 1 where f'(t) f'(t') is, so max(secant, f'(t) f'(t')) leaves each
+                # secant as it is and puts f'(t) at the 0/0s (set to 0 first): float passes only.
+                both = known(t_ref, known(t0)).to(m.dtype)
+                m = torch.maximum(m.nan_to_num_(0.0, 0.0, 0.0), both, out=m)
+                bad = None
+            elif bad is AT_NAN:
+                bad = m.isnan()
+        if bad is not None:
+            if elementwise:  # elementwise with scalar arguments: the plain derivative where flagged
+                if known is not None:  # clamp-like: where t = t' is common: dense
+                    m = torch.where(bad, known(t0).to(m.dtype), m, out=m)
                 else:
                     m = _derivative_at(bad, m, t0, call_with, inplace)
             else:  # a broadcast argument: the plain call's own graph where flagged (below)

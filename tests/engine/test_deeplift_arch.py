@@ -790,6 +790,7 @@ KINKED = {
     "hardtanh": lambda t: F.hardtanh(t, -0.5, 2.0),
     "hardtanh_kw": lambda t: F.hardtanh(t, min_val=-0.5, max_val=2.0),
     "threshold": lambda t: F.threshold(t, 0.5, -3.0),
+    "threshold_up": lambda t: F.threshold(t, 0.5, 3.0),  # secants below 0 (a jump down)
     "clamp": lambda t: torch.clamp(t, -0.5, 2.0),
     "clamp_kw_min": lambda t: t.clamp(min=0.5),
     "clamp_max": lambda t: torch.clamp_max(t, 0.5),
@@ -814,6 +815,31 @@ def test_at_t_equal_t_ref_a_clamp_gets_its_autograd_derivative(name):
     expected = torch.cat([-c * d, c * d], 1)
     torch.testing.assert_close(r.attributions, expected, rtol=0, atol=1e-12)
     assert set(d.flatten().tolist()) == {0.0, 1.0}  # both sides of a kink are in the test
+
+
+@pytest.mark.parametrize("name", list(KINKED))
+def test_a_clamp_with_ties_and_secants_in_one_tensor(name):
+    """Ties (t = t') beside secants across a kink, within a piece, and across both bounds, in one
+    tensor: for the clamps the ties are fixed without a mask (max(secant, f'(t) f'(t')), valid
+    because their secants lie in [0, 1]); each element must be the secant, or the derivative at a
+    tie. ``threshold`` (a jump, secants outside [0, 1]) checks that it keeps the masked path."""
+    fn = KINKED[name]
+    t = torch.tensor([-7.0, -1.0, -0.5, 0.0, 0.25, 0.5, 1.0, 2.0, 3.0, 7.0] * 2, dtype=DT)
+    t_ref = t.clone()
+    moved = torch.tensor([-9.0, 3.0, 1.5, -2.0, 0.3, -8.0, 0.5, 9.0, -1.0, 8.0], dtype=DT)
+    t_ref[10:] = moved  # the second half: secants (some across one or both kinks)
+    x = torch.stack([t + 1.0, torch.ones_like(t)], 1)
+    c = 2.0
+    x_ref = torch.stack([t_ref + 1.0 + c, torch.full_like(t, 1.0 + c)], 1)
+    r = deeplift(OnADifference(fn), x, x_ref, target=0)
+    tt = t.clone().unsqueeze(1).requires_grad_(True)
+    (d,) = torch.autograd.grad(fn(tt.clone()).sum(), tt)
+    with torch.no_grad():
+        secant = ((fn(t.clone()) - fn(t_ref.clone())) / (t - t_ref)).unsqueeze(1)
+    m = torch.where((t == t_ref).unsqueeze(1), d, secant)
+    expected = (x - x_ref) * torch.cat([m, -m], 1)  # the model is f(x0 - x1)
+    torch.testing.assert_close(r.attributions, expected, rtol=1e-12, atol=1e-12)
+    assert_conserves(r)
 
 
 def test_the_known_derivatives_are_used():
