@@ -1,8 +1,8 @@
 """The one place that chunks work (examples x path points) to fit memory.
 
 ``batch_size="auto"`` measures what one row costs while running the first (small) chunk: the
-bytes autograd saves for backward (``torch.autograd.graph.saved_tensors_hooks``) plus the
-chunk's own tensors. The rest is then cut into chunks that fit a budget: a share of the free
+bytes autograd saves for backward (``torch.autograd.graph.saved_tensors_hooks``; the model's
+weights, which it saves too, are not per row and are left out) plus the chunk's own tensors. The rest is then cut into chunks that fit a budget: a share of the free
 GPU memory (``torch.cuda.mem_get_info``) on CUDA, a bounded amount (and at most
 ``CPU_MAX_ROWS`` rows) on CPU. On a CUDA
 out-of-memory error the chunk is halved and retried, so a user never has to guess a size.
@@ -132,6 +132,7 @@ def run_chunked(
     stats: dict | None = None,
     per_row: int | None = None,
     saves: bool = True,
+    exclude: Iterable[int] = (),
 ) -> None:
     """Call ``fn(rows)`` on consecutive slices covering ``range(total)``.
 
@@ -152,6 +153,10 @@ def run_chunked(
     saves : False for work without gradients (forward passes under ``no_grad``): autograd saves
         nothing, so ``"auto"`` sizes every chunk from ``row_bytes`` at once (a probe chunk would
         measure nothing).
+    exclude : storages the probe chunk does not count (the model's parameters and buffers, see
+        :func:`~nbattr.engine.guard.model_storages`): autograd saves the weights too, but they
+        are not per row, so counting them would shrink every chunk (the most for a large model
+        and a small input).
     """
     if total <= 0:
         return
@@ -179,7 +184,7 @@ def run_chunked(
         _check_cancel(w)
         try:
             if auto and not measured:
-                counter = StorageBytes()
+                counter = StorageBytes(exclude)
                 with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
                     held = fn(rows)
                 per_row = max(1, (counter.bytes + int(held or 0) + row_bytes * n) // n)

@@ -558,7 +558,8 @@ class Problem:
         if per_row is None and self.saved_row_bytes is not None:
             per_row = self.saved_row_bytes + row_bytes  # measured by the first forward
         run_chunked(total, work, batch_size=self.batch_size, device=self.device, row_bytes=row_bytes,
-                    stats=self.stats, per_row=per_row)
+                    stats=self.stats, per_row=per_row,
+                    exclude=model_storages(self.model) if per_row is None and self.batch_size == "auto" else ())
 
     def eval_pass(
         self,

@@ -1572,7 +1572,7 @@ def _modified_gradient(p: Problem, method: str, multiplier: Multiplier, *, refer
     unsupported: dict[str, int] = {}
     row_bytes = (2 + p.k) * p.inputs[0].numel() * p.inputs.element_size()
     recorded, replayed = (p.inputs, p.baselines) if at_reference else (p.baselines, p.inputs)
-    weights = model_storages(p.model) if reference else set()
+    weights = model_storages(p.model)  # not per row: neither the tape nor the probe counts them
 
     def work(sl: slice) -> int:
         rows = torch.arange(sl.start, sl.stop, device=p.device)
@@ -1619,7 +1619,8 @@ def _modified_gradient(p: Problem, method: str, multiplier: Multiplier, *, refer
         return _tape_bytes(tape, weights)  # held beside autograd's saved tensors: batch_size="auto" counts it
 
     with unrolled_rnns(p.model) as unrolled:  # LSTM/GRU/RNN run as plain ops: the gates get rules
-        run_chunked(p.n, work, batch_size=p.batch_size, device=p.device, row_bytes=row_bytes, stats=p.stats)
+        run_chunked(p.n, work, batch_size=p.batch_size, device=p.device, row_bytes=row_bytes, stats=p.stats,
+                    exclude=weights)
     p.stats["unrolled"] = unrolled
     return grads, base_out, unsupported
 

@@ -207,6 +207,39 @@ def test_run_chunked_without_gradients_needs_no_probe_chunk() -> None:
     assert seen == [2] * 5  # a 1 GiB budget at 512 MiB a row
 
 
+def test_the_probe_chunk_leaves_the_weights_out() -> None:
+    """With its weight frozen (as under the guard), a Linear saves the weight for the input's
+    gradient, and the ReLU its output: only the output is per row. Counted with the weight, a
+    large layer and a small input would make every chunk needlessly small."""
+    lin = nn.Linear(256, 256).double().requires_grad_(False)
+    x = torch.randn(40, 256, dtype=torch.float64)
+
+    def work(sl: slice) -> None:
+        z = x[sl].clone().requires_grad_(True)
+        torch.relu(lin(z))
+
+    stats: dict = {}
+    run_chunked(40, work, stats=stats, exclude={lin.weight.untyped_storage().data_ptr()})
+    assert stats["row_bytes"] == 256 * 8 and stats["chunks"] == [PROBE_ROWS, 32, 4]
+    run_chunked(40, work, stats=stats)
+    assert stats["row_bytes"] == 256 * 8 + lin.weight.numel() * 8 // PROBE_ROWS
+
+
+def test_gradient_passes_probe_without_the_weights() -> None:
+    """IG on more examples than the first forward measures: the probe chunk of the path leaves
+    out the model's weights (the first forward's measure does too)."""
+    m = nn.Sequential(nn.Linear(6, 512), nn.ReLU(), nn.Linear(512, 3)).double()
+    x = torch.randn(8, 6, dtype=torch.float64)
+    with model_guard(m):
+        p = Problem(m, x, measure=True)
+        assert p.saved_row_bytes is None  # > PROBE_ROWS: the path's first chunk measures
+        p.gradient_pass(8 * 4, lambda idx: (x[idx // 4], idx // 4), lambda *a: None)
+    # the ReLU's output (512 float64, shared with the second Linear), the inputs and the gradient
+    # the chunk holds (2 x 6 float64) and the target's indices; not the 41 KB of weights (10 KB a
+    # row over the 4 rows of the probe)
+    assert 512 * 8 + 2 * 6 * 8 <= p.stats["row_bytes"] <= 512 * 8 + 2 * 6 * 8 + 64
+
+
 def test_occlusion_runs_its_first_chunk_full() -> None:
     m = nn.Sequential(nn.Flatten(), nn.Linear(48, 3))
     r = nbattr.attribute(m, torch.rand(2, 3, 4, 4), method="occlusion", window=1, target=0)
