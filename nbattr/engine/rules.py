@@ -527,6 +527,12 @@ AT_NAN = object()
 #: tensor: a few cheap kernels, and the host never waits for the device.
 SYNC_FREE_DEVICES = {"cpu"}
 
+#: Device types on which an elementwise op that makes or reads booleans (``==``, ``isnan``,
+#: ``torch.where``) costs 2-3 times a float op (measured on a CPU): there a clamp's ties are fixed
+#: with float passes only, one more pass over memory than a mask takes (see
+#: :meth:`_Replay._apply_rule`); elsewhere the mask is cheaper.
+FLOAT_FIX_DEVICES = {"cpu"}
+
 
 def _all_finite(m: Tensor) -> bool:
     """Whether every element of ``m`` is finite, known without waiting for the device: one
@@ -1477,7 +1483,8 @@ class _Replay(TorchFunctionMode):
         if bad is not None:
             elementwise = m.shape == t0.shape and sum(isinstance(v, Tensor) for v in leaves) == 1
             known = _known_derivative(func, op, args, kwargs) if elementwise else None
-            if bad is AT_NAN and known is not None and op.name in CLAMP_OPS and t_ref is not None:
+            if (bad is AT_NAN and known is not None and op.name in CLAMP_OPS and t_ref is not None
+                    and m.device.type in FLOAT_FIX_DEVICES):
                 # A clamp, with t = t' common (both sides clamped upstream): its secants lie in
                 # [0, 1] and are 1 where f'(t) f'(t') is, so max(secant, f'(t) f'(t')) leaves each
                 # secant as it is and puts f'(t) at the 0/0s (set to 0 first): float passes only.

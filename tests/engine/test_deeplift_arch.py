@@ -817,12 +817,16 @@ def test_at_t_equal_t_ref_a_clamp_gets_its_autograd_derivative(name):
     assert set(d.flatten().tolist()) == {0.0, 1.0}  # both sides of a kink are in the test
 
 
+@pytest.mark.parametrize("fix", ["float", "mask"])
 @pytest.mark.parametrize("name", list(KINKED))
-def test_a_clamp_with_ties_and_secants_in_one_tensor(name):
+def test_a_clamp_with_ties_and_secants_in_one_tensor(name, fix, monkeypatch):
     """Ties (t = t') beside secants across a kink, within a piece, and across both bounds, in one
-    tensor: for the clamps the ties are fixed without a mask (max(secant, f'(t) f'(t')), valid
-    because their secants lie in [0, 1]); each element must be the secant, or the derivative at a
-    tie. ``threshold`` (a jump, secants outside [0, 1]) checks that it keeps the masked path."""
+    tensor: on a CPU the clamps' ties are fixed without a mask (max(secant, f'(t) f'(t')), valid
+    because their secants lie in [0, 1]), on other devices with one ("mask", run here by
+    emptying FLOAT_FIX_DEVICES); each element must be the secant, or the derivative at a tie.
+    ``threshold`` (a jump: secants outside [0, 1]) checks that it keeps the masked path."""
+    if fix == "mask":
+        monkeypatch.setattr(rules, "FLOAT_FIX_DEVICES", set())
     fn = KINKED[name]
     t = torch.tensor([-7.0, -1.0, -0.5, 0.0, 0.25, 0.5, 1.0, 2.0, 3.0, 7.0] * 2, dtype=DT)
     t_ref = t.clone()
