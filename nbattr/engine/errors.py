@@ -24,3 +24,16 @@ class UnsupportedOperationError(NbattrError, RuntimeError):
 class Cancelled(NbattrError):
     """The ``cancel`` callable of :func:`nbattr.watch` returned True: the call stopped before its
     next chunk of work (the model is left as it was found, as after any error)."""
+
+
+def user_stacklevel() -> int:
+    """``stacklevel`` for a ``warnings.warn`` called by the caller of this function that points
+    at the first frame outside the ``nbattr`` package (the user's line), however deep the call."""
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(root):
+        frame, level = frame.f_back, level + 1
+    return level

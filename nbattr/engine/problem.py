@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from . import baselines as _baselines
 from .batching import PROBE_ROWS, BatchSize, StorageBytes, is_oom, run_chunked
-from .errors import InputError, NoGradientPathError, TargetError
+from .errors import InputError, NoGradientPathError, TargetError, user_stacklevel
 from .guard import model_storages, thread_hook
 from .result import Attribution
 
@@ -116,6 +116,19 @@ class _Capture:
 
     def __exit__(self, *exc: Any) -> None:
         self.handle.remove()
+
+
+def _warn_nonfinite(method: str, attributions: Tensor) -> None:
+    """Warn when attributions hold NaN or inf (the inputs were checked finite, so the model's
+    gradient or a rule made them): never hand over such a map silently. One reduction decides;
+    only a non-finite (or overflowing) sum is looked at element by element."""
+    if attributions.numel() == 0 or torch.isfinite(attributions.sum()).item():
+        return
+    bad = int((~torch.isfinite(attributions)).sum())
+    if bad:
+        warnings.warn(f"{method}: {bad} of {attributions.numel()} attributions are not finite (NaN or "
+                      "inf), so the map and delta cannot be trusted: the model's gradient (or a rule) "
+                      "produced them, e.g. sqrt or log at 0 on the path", stacklevel=user_stacklevel())
 
 
 def score_gradient(scores: Tensor, z: Tensor) -> Tensor:
@@ -597,6 +610,7 @@ class Problem:
         if uses_baseline:
             base_out = self.baseline_outputs if base_out is None else base_out
             baselines = self.baselines if baselines is None else baselines
+        _warn_nonfinite(method, attributions)
         delta = None
         if completeness:
             delta = attributions.flatten(2 if self.multi else 1).sum(-1) - (self.outputs - base_out)

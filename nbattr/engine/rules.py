@@ -607,12 +607,14 @@ def _first(args: tuple, kwargs: dict) -> Any:
 
 
 def _max_tree(x: Tensor) -> Tensor:
-    """Maximum over the last dimension as a pairwise tree of ``max(a, b) = b + relu(a - b)``."""
+    """Maximum over the last dimension as a pairwise tree of ``max(a, b) = b + relu(a - b)``, and
+    ``a`` itself where ``b`` is -inf (a masked logit: ``-inf + relu(inf)`` is NaN). The masked
+    entries must be the same at both passes (a ``where`` whose condition differs is reported)."""
     while x.shape[-1] > 1:
         k = x.shape[-1]
         h = k // 2
         a, b = x[..., :h], x[..., h:2 * h]
-        m = b + torch.relu(a - b)
+        m = torch.where(torch.isneginf(b), a, b + torch.relu(a - b))
         x = torch.cat([m, x[..., 2 * h:]], -1) if k % 2 else m
     return x[..., 0]
 

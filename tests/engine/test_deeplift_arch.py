@@ -902,3 +902,44 @@ def test_auto_batching_counts_the_tape(monkeypatch):
     assert measured[0] - measured[1] >= 40960
     torch.testing.assert_close(r.attributions, blind.attributions, rtol=0, atol=0)
     assert_conserves(r)
+
+
+# -- masked logits (-inf) where a maximum is decomposed ------------------------------------------
+class MaskedSoftmax(nn.Module):
+    """Attention-style masking: the last two positions of every row are -inf (padding)."""
+
+    def __init__(self, reduce):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.reduce = reduce
+        self.eval()
+
+    def forward(self, x):
+        mask = torch.zeros(6, dtype=torch.bool)
+        mask[-2:] = True
+        s = self.fc(x).masked_fill(mask, float("-inf"))
+        if self.reduce == "softmax":
+            return (s.softmax(-1) * torch.arange(6.0, dtype=x.dtype)).sum(-1, keepdim=True)
+        if self.reduce == "log_softmax":
+            return s.log_softmax(-1)[:, :4]
+        if self.reduce == "logsumexp":
+            return s.logsumexp(-1, keepdim=True)
+        if self.reduce == "amax":
+            return s.amax(-1, keepdim=True)
+        return s.max(-1).values[:, None]
+
+
+@pytest.mark.parametrize("reduce", ["softmax", "log_softmax", "logsumexp", "amax", "max"])
+@pytest.mark.parametrize("far", [False, True])
+def test_masked_logits_in_a_decomposed_maximum(reduce, far):
+    """-inf entries (a padding mask) in a row whose maximum is decomposed into pairs
+    ``b + relu(a - b)``: a masked ``b`` gave ``-inf + inf = NaN`` and NaN attributions (MiniLM on
+    a padded batch). ``far``: the maxima at the input and the reference are so far apart that the
+    softmax shift is each pass's own maximum, taken by that decomposition too."""
+    torch.manual_seed(0)
+    model = MaskedSoftmax(reduce)
+    x = torch.randn(4, 6) * (400.0 if far else 1.0)
+    x0 = torch.zeros(4, 6)
+    r = deeplift(model, x, x0, target=0)
+    assert torch.isfinite(r.attributions).all()
+    assert_conserves(r, 1e-9)

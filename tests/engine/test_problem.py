@@ -414,3 +414,17 @@ def test_a_few_rows_take_one_forward_for_the_gradient_at_x(method):
     model.calls.clear()
     nbattr.attribute(model, torch.randn(9, 3, 16, 16), method=method)
     assert model.calls == [9, 4, 5]  # more rows: the first forward keeps no graph
+
+
+@pytest.mark.parametrize("method", ["saliency", "integrated_gradients", "smoothgrad"])
+def test_non_finite_attributions_are_not_handed_over_silently(method: str) -> None:
+    """The inputs are checked finite, but a model's gradient can still be inf or NaN (sqrt at 0):
+    the result warns, naming the method and the count, at the caller's line."""
+    def model(x):
+        return torch.sqrt(x).sum(1)
+
+    x = torch.tensor([[0.0, 1.0, 4.0]])
+    with pytest.warns(UserWarning, match=rf"{method}: 1 of 3 attributions are not finite") as seen:
+        kw = {"samples": 2, "noise_level": 0.0} if method == "smoothgrad" else {}
+        nbattr.attribute(model, x, method=method, **kw)
+    assert all(w.filename == __file__ for w in seen)
