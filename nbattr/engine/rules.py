@@ -207,6 +207,7 @@ LINEAR_OPS: frozenset[str] = frozenset({
     "concatenate", "stack", "hstack", "vstack", "pad", "clone", "copy", "flip", "roll",
     "diagonal", "unfold", "index_select", "gather", "take_along_dim", "repeat_interleave", "tril",
     "triu", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle",
+    "_pack_padded_sequence", "_pad_packed_sequence", "pad_sequence",  # packed RNN input and output
     "to", "float", "double", "half", "bfloat16", "type", "type_as", "identity", "zero", "fill",
     # sums, averages and resampling
     "add", "sub", "rsub", "neg", "positive", "sum", "mean", "cumsum",

@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 from torch.overrides import TorchFunctionMode
 
 import nbattr
@@ -385,6 +385,17 @@ class TextRNN(nn.Module):
         return self.head(out[:, -1])
 
 
+class PackedTextRNN(TextRNN):
+    """Padded ids packed by their lengths (``pack_padded_sequence``), run, unpacked
+    (``pad_packed_sequence``), and each row's last valid step read out: the usual text LSTM."""
+
+    def forward(self, ids):
+        lengths = (ids != 0).sum(1).clamp(min=1)
+        packed = pack_padded_sequence(self.embedding(ids), lengths, batch_first=True, enforce_sorted=False)
+        out, _ = pad_packed_sequence(self.rnn(packed)[0], batch_first=True)
+        return self.head(out[torch.arange(ids.shape[0]), lengths - 1])
+
+
 class CellLoop(nn.Module):
     """A hand-written loop over an LSTMCell and a GRUCell."""
 
@@ -417,6 +428,8 @@ TEXT_MODELS = {
     "lstm_bidirectional_2layer": lambda: TextRNN("lstm", num_layers=2, bidirectional=True),
     "gru_bidirectional_2layer": lambda: TextRNN("gru", num_layers=2, bidirectional=True),
     "lstm_proj": lambda: TextRNN("lstm", proj_size=3),
+    "lstm_packed": lambda: PackedTextRNN("lstm", bidirectional=True),
+    "gru_packed": lambda: PackedTextRNN("gru"),
     "cells": CellLoop,
 }
 
