@@ -118,6 +118,24 @@ class _Capture:
         self.handle.remove()
 
 
+def _require_tensor(out: Any) -> Tensor:
+    """``out`` if the model returned a tensor; else an error naming what it returned and how to
+    get the scores out of it (a Hugging Face ``ModelOutput``, a tuple, a dict)."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(getattr(out, "logits", None), Tensor):
+        how = "model(x).logits"
+    elif isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        how = "model(x)[0]"
+    elif isinstance(out, dict) and out:
+        how = f"model(x)[{next(iter(out))!r}]"
+    else:
+        how = None
+    hint = f": wrap it in a module whose forward returns {how}" if how else ""
+    raise InputError(f"the model must return a tensor of scores, (N, C) or (N,), but returned "
+                     f"{type(out).__name__}{hint}")
+
+
 def _warn_nonfinite(method: str, attributions: Tensor) -> None:
     """Warn when attributions hold NaN or inf (the inputs were checked finite, so the model's
     gradient or a rule made them): never hand over such a map silently. One reduction decides;
@@ -346,7 +364,7 @@ class Problem:
                     # a copy: a model may work in place on its input, and x (the caller's data) stays
                     leaf = x.detach().clone().requires_grad_(True)
                     with torch.enable_grad(), counting:
-                        out = self.model(leaf.clone(memory_format=layout))
+                        out = _require_tensor(self.model(leaf.clone(memory_format=layout)))
                     if counter is not None:
                         self.saved_row_bytes = max(1, counter.bytes // x.shape[0])
                     if keep:
@@ -354,17 +372,17 @@ class Problem:
                     return out.detach(), x
                 z = x.clone(memory_format=layout)
                 if mode is None:
-                    return self.model(z), x
+                    return _require_tensor(self.model(z)), x
                 with mode:
-                    out = self.model(z)
+                    out = _require_tensor(self.model(z))
                 self.first_tape = mode
                 return out, x
             with (_Capture(self.layer, leaf=counter is not None) as cap,
                   (mode if mode is not None else contextlib.nullcontext()),
                   torch.set_grad_enabled(counter is not None), counting):
-                out = self.model(x.clone())
+                out = _require_tensor(self.model(x.clone()))
             if counter is not None:
-                out = out.detach() if isinstance(out, Tensor) else out
+                out = out.detach()
                 if cap.calls == 1:
                     self.saved_row_bytes = max(1, counter.bytes // x.shape[0])
             self.first_tape = mode
@@ -383,8 +401,7 @@ class Problem:
 
     @staticmethod
     def _check_output(out: Any, n: int) -> None:
-        if not isinstance(out, Tensor):
-            raise InputError(f"the model must return a tensor of scores, got {type(out).__name__}")
+        _require_tensor(out)
         if out.dim() not in (1, 2) or out.shape[0] != n:
             raise InputError(f"the model's output has shape {tuple(out.shape)}; expected (N, C) or "
                              f"(N,) with N = {n}")

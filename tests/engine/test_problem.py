@@ -428,3 +428,28 @@ def test_non_finite_attributions_are_not_handed_over_silently(method: str) -> No
         kw = {"samples": 2, "noise_level": 0.0} if method == "smoothgrad" else {}
         nbattr.attribute(model, x, method=method, **kw)
     assert all(w.filename == __file__ for w in seen)
+
+
+class _WithLogits:
+    """Like a Hugging Face ``ModelOutput``: scores under ``.logits``."""
+
+    def __init__(self, logits):
+        self.logits = logits
+
+
+@pytest.mark.parametrize(("wrap", "hint"), [
+    (lambda s: (s, s * 2), r"tuple: wrap it in a module whose forward returns model\(x\)\[0\]"),
+    (lambda s: {"scores": s}, r"dict: wrap it in a module whose forward returns model\(x\)\['scores'\]"),
+    (_WithLogits, r"_WithLogits: wrap it in a module whose forward returns model\(x\).logits"),
+    (lambda s: None, r"returned NoneType$"),
+])
+@pytest.mark.parametrize("shape", [(2, 4), (1, 3, 4, 4)])  # the second tries channels-last first
+def test_a_model_returning_no_tensor_is_told_how_to_get_the_scores(wrap, hint, shape) -> None:
+    lin = nn.Linear(shape[-1], 3)
+
+    def model(x):
+        return wrap(lin(x).flatten(1))
+
+    for method in ("saliency", "integrated_gradients", "deeplift"):
+        with pytest.raises(nbattr.InputError, match=hint):
+            nbattr.attribute(model, torch.randn(shape), method=method)
