@@ -607,28 +607,120 @@ def _first(args: tuple, kwargs: dict) -> Any:
     return kwargs.get("input", kwargs.get("self"))
 
 
-def _max_tree(x: Tensor) -> Tensor:
-    """Maximum over the last dimension as a pairwise tree of ``max(a, b) = b + relu(a - b)``, and
-    ``a`` itself where ``b`` is -inf (a masked logit: ``-inf + relu(inf)`` is NaN). The masked
-    entries must be the same at both passes (a ``where`` whose condition differs is reported)."""
+@dataclass(frozen=True)
+class _Orders:
+    """For :func:`_max_tree`: per level of the tree, where the pair's first half ``a`` is the
+    larger (see :func:`_tree_orders`). A constant shared by both passes."""
+
+    levels: tuple[Tensor, ...]
+
+
+def _halves(x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """A tree level's pairs ``a``, ``b`` over the last dimension and the odd entry left over."""
+    k = x.shape[-1]
+    h = k // 2
+    return x[..., :h], x[..., h:2 * h], (x[..., 2 * h:] if k % 2 else None)
+
+
+#: A max tree takes the plain pairs ``b + relu(a - b)`` while its values spread over at most this
+#: many times their largest magnitude (see :func:`_tame`).
+TAME_SPREAD = 256.0
+
+
+def _ranges(*ts: Tensor | None) -> list[tuple[float, float]]:
+    """``(min, max)`` of each non-empty tensor given (one per pass), read on the host."""
+    out = []
+    with torch.no_grad():
+        for t in ts:
+            if t is not None and t.numel():
+                lo, hi = t.detach().aminmax()
+                out.append((float(lo), float(hi)))
+    return out
+
+
+def _tame(*ts: Tensor | None, ranges: list[tuple[float, float]] | None = None) -> bool:
+    """Whether a max tree over these values (one tensor per pass, or their ``ranges``) may take
+    the plain pairs ``b + relu(a - b)``: all finite, and ``max - min <= TAME_SPREAD (|max| + 1)``.
+    A masked score (-inf; -1e4 or ``finfo.min`` filled in or added) fails this: ``a - b`` would
+    round ``a`` away (or be NaN), losing its change between the passes."""
+    return all(math.isfinite(lo) and math.isfinite(hi) and hi - lo <= TAME_SPREAD * (abs(hi) + 1.0)
+               for lo, hi in (_ranges(*ts) if ranges is None else ranges))
+
+
+def _tree_orders(x: Tensor, x_ref: Tensor | None) -> _Orders | None:
+    """Which of each pair sits outside the relu in :func:`_max_tree`: ``a`` where it is the larger
+    (summed over both passes when ``x_ref`` is given, the same choice for both), else ``b``;
+    None (the plain pairs, fewer passes) when the values are :func:`_tame`."""
+    if _tame(x, x_ref):
+        return None
+    levels = []
+    with torch.no_grad():
+        x = x.detach()
+        x_ref = None if x_ref is None else x_ref.detach()
+        while x.shape[-1] > 1:
+            a, b, rest = _halves(x)
+            m = torch.maximum(a, b)
+            if x_ref is None:
+                levels.append(a >= b)
+            else:
+                ar, br, rest_ref = _halves(x_ref)
+                levels.append(a + ar >= b + br)
+                m_ref = torch.maximum(ar, br)
+                x_ref = m_ref if rest_ref is None else torch.cat([m_ref, rest_ref], -1)
+            x = m if rest is None else torch.cat([m, rest], -1)
+    return _Orders(tuple(levels))
+
+
+def _pair_max(a: Tensor, b: Tensor, first: Tensor | None) -> Tensor:
+    """``max(a, b)``: ``b + relu(a - b)`` without ``first`` (tame values, see :func:`_tame`), else
+    ``o + relu(i - o)`` with ``o`` the larger of the two where ``first`` says (``a`` where True).
+    That is exact wherever ``o >= i``: a masked entry (-inf, or ``finfo.min`` added to a score)
+    never meets a difference that rounds the other operand away, which would lose its change
+    between the passes; where ``i`` is -inf the result is ``o`` (``relu(-inf - -inf)`` would be
+    NaN). The conditions are the same at both passes (constants, and masks that are: a ``where``
+    whose condition differs is reported)."""
+    if first is None:
+        return b + torch.relu(a - b)
+    o, i = torch.where(first, a, b), torch.where(first, b, a)
+    return torch.where(torch.isneginf(i), o, o + torch.relu(i - o))
+
+
+def _max_tree(x: Tensor, orders: _Orders | None = None) -> Tensor:
+    """Maximum over the last dimension as a pairwise tree of :func:`_pair_max`, with the larger
+    operand of each pair outside the relu as ``orders`` (from :func:`_tree_orders`; None: plain
+    pairs) says."""
+    level = 0
     while x.shape[-1] > 1:
-        k = x.shape[-1]
-        h = k // 2
-        a, b = x[..., :h], x[..., h:2 * h]
-        m = torch.where(torch.isneginf(b), a, b + torch.relu(a - b))
-        x = torch.cat([m, x[..., 2 * h:]], -1) if k % 2 else m
+        a, b, rest = _halves(x)
+        m = _pair_max(a, b, None if orders is None else orders.levels[level])
+        x = m if rest is None else torch.cat([m, rest], -1)
+        level += 1
     return x[..., 0]
 
 
-def _reduce_max(t: Tensor, dims: tuple[int, ...] | None, keepdim: bool, sign: int) -> Tensor:
-    """``amax`` (sign +1) or ``amin`` (sign -1) of ``t`` over ``dims`` (None: all) by a max tree."""
+def _tree_input(t: Tensor, dims: tuple[int, ...] | None, sign: int) -> tuple[Tensor, tuple[int, ...]]:
+    """``t`` (negated for a minimum) with ``dims`` (None: all) flattened into the last dimension."""
     nd = t.dim()
-    if nd == 0:
-        return t
     dims = tuple(range(nd)) if not dims else tuple(sorted(d % nd for d in dims))
     x = t if sign > 0 else -t
-    x = x.movedim(dims, tuple(range(nd - len(dims), nd))).flatten(nd - len(dims))
-    m = _max_tree(x)
+    return x.movedim(dims, tuple(range(nd - len(dims), nd))).flatten(nd - len(dims)), dims
+
+
+def _reduce_orders(t: Tensor, t_ref: Tensor | None, dims: tuple[int, ...] | None, sign: int) -> _Orders | None:
+    """:func:`_tree_orders` for :func:`_reduce_max` of ``t`` (and of ``t_ref``, the other pass)."""
+    if t.dim() == 0:
+        return None
+    x, _ = _tree_input(t, dims, sign)
+    return _tree_orders(x, None if t_ref is None else _tree_input(t_ref, dims, sign)[0])
+
+
+def _reduce_max(t: Tensor, dims: tuple[int, ...] | None, keepdim: bool, sign: int,
+                orders: _Orders | None = None) -> Tensor:
+    """``amax`` (sign +1) or ``amin`` (sign -1) of ``t`` over ``dims`` (None: all) by a max tree."""
+    if t.dim() == 0:
+        return t
+    x, dims = _tree_input(t, dims, sign)
+    m = _max_tree(x, orders)
     if keepdim:
         for d in dims:
             m = m.unsqueeze(d)
@@ -656,31 +748,33 @@ def _parse_logsumexp(func: Any, args: tuple, kwargs: dict) -> tuple:
     return t, (dim if isinstance(dim, (tuple, list)) else (dim,)), keepdim
 
 
-def _shift(p: tuple, p_ref: tuple | None) -> Tensor | None:
+def _shift(p: tuple, p_ref: tuple | None) -> Tensor | _Orders | None:
     """The softmax shift ``c``: the larger of the maxima at the input and at the reference, so that
-    ``t - c <= 0`` (no overflow) and ``c`` is the same constant in both passes. None when the two
-    maxima are so far apart that ``sum(exp(t - c))`` could underflow at one of them: the shift is
-    then each pass's own maximum, computed by the max tree (so it gets attributions too)."""
+    ``t - c <= 0`` (no overflow) and ``c`` is the same constant in both passes. When the two
+    maxima are so far apart that ``sum(exp(t - c))`` could underflow at one of them, the shift is
+    each pass's own maximum, computed by the max tree (so it gets attributions too): then the
+    tree's :class:`_Orders` (None for a 0-d input)."""
     t, dim = p[0], p[1]
     with torch.no_grad():
         c = t.detach().amax(dim, keepdim=True)
         if p_ref is not None:
             c_ref = p_ref[0].detach().amax(dim, keepdim=True)
             if bool(((c - c_ref).abs() > -0.5 * math.log(torch.finfo(t.dtype).tiny)).any()):
-                return None
+                dims = tuple(dim) if isinstance(dim, (tuple, list)) else (dim,)
+                return _reduce_orders(t, p_ref[0], dims, 1)
             c = torch.maximum(c, c_ref)
         return torch.where(torch.isfinite(c), c, torch.zeros_like(c))
 
 
-def _logsumexp(t: Tensor, dim: Any, c: Tensor | None) -> Tensor:
+def _logsumexp(t: Tensor, dim: Any, c: Tensor | _Orders | None) -> Tensor:
     """``L = c + log(sum(exp(t - c)))`` (keepdim) with the shift of :func:`_shift` (each pass's
     own maximum by the max tree when it is None). Softmax is ``exp(t - L)``: no product and no
     reciprocal, so every multiplier stays bounded. (Written as ``e * (1 / S)``, the product
     rule's split would be ill-conditioned: ``1/S`` changes by ``exp(max t - max t')`` between
     the passes, and the two halves of the split grow like it and cancel.)"""
     dims = tuple(dim) if isinstance(dim, (tuple, list)) else (dim,)
-    if c is None:
-        c = _reduce_max(t, dims, True, 1)
+    if not isinstance(c, Tensor):
+        c = _reduce_max(t, dims, True, 1, c)
     return c + torch.log(torch.exp(t - c).sum(dims, keepdim=True))
 
 
@@ -827,7 +921,16 @@ def _norm_applies(p: tuple) -> bool:
     return isinstance(order, (int, float)) and not isinstance(order, bool) and order > 0
 
 
-def _run_norm(p: tuple, _shared: Any, mode: Any) -> Tensor:
+def _norm_orders(p: tuple, p_ref: tuple | None) -> _Orders | None:
+    """The max tree's orders of the infinity norm (None for other orders)."""
+    t, order, dims, _keepdim = p
+    if order != math.inf:
+        return None
+    dims = tuple(range(t.dim())) if dims is None else dims
+    return _reduce_orders(t.detach().abs(), None if p_ref is None else p_ref[0].detach().abs(), dims, 1)
+
+
+def _run_norm(p: tuple, shared: Any, mode: Any) -> Tensor:
     t, order, dims, keepdim = p
     dims = tuple(range(t.dim())) if dims is None else dims
     if order == "fro" or order == 2:
@@ -836,7 +939,7 @@ def _run_norm(p: tuple, _shared: Any, mode: Any) -> Tensor:
     if order == 1:
         return a.sum(dims, keepdim=keepdim)
     if order == math.inf:
-        return _reduce_max(a, dims, keepdim, 1)
+        return _reduce_max(a, dims, keepdim, 1, shared)
     return torch.pow(torch.pow(a, order).sum(dims, keepdim=keepdim), 1.0 / order)
 
 
@@ -853,12 +956,21 @@ def _parse_max(func: Any, args: tuple, kwargs: dict, sign: int = 1) -> tuple:
     return "reduce", t, (tuple(dim) if dim else None), keepdim, sign
 
 
-def _run_max(p: tuple, _shared: Any, mode: Any) -> Tensor:
+def _max_orders(p: tuple, p_ref: tuple | None) -> _Orders | None:
+    """The max tree's orders of a ``max``/``min`` reduction (None for the binary form, whose
+    constant operand needs none)."""
+    if p[0] == "binary":
+        return None
+    _, t, dims, _keepdim, sign = p
+    return _reduce_orders(t, None if p_ref is None else p_ref[1], dims, sign)
+
+
+def _run_max(p: tuple, shared: Any, mode: Any) -> Tensor:
     if p[0] == "binary":
         _, a, b, sign = p
         return b + torch.relu(a - b) if sign > 0 else a - torch.relu(a - b)
     _, t, dims, keepdim, sign = p
-    return _reduce_max(t, dims, keepdim, sign)
+    return _reduce_max(t, dims, keepdim, sign, shared)
 
 
 def _parse_binary(func: Any, args: tuple, kwargs: dict, kind: str) -> tuple:
@@ -869,12 +981,26 @@ def _parse_binary(func: Any, args: tuple, kwargs: dict, kind: str) -> tuple:
     return kind, a, b
 
 
-def _run_binary(p: tuple, _shared: Any, mode: Any) -> Tensor:
+def _binary_orders(p: tuple, p_ref: tuple | None) -> _Orders | None:
+    """For ``maximum``/``minimum`` of two varying operands: which is the larger (one tree level)."""
     kind, a, b = p
+    if kind not in ("max", "min"):
+        return None
+    sign = 1 if kind == "max" else -1
+    x = torch.stack(torch.broadcast_tensors(sign * a.detach(), sign * b.detach()), -1)
+    x_ref = None
+    if p_ref is not None:
+        x_ref = torch.stack(torch.broadcast_tensors(sign * p_ref[1].detach(), sign * p_ref[2].detach()), -1)
+    return _tree_orders(x, x_ref)
+
+
+def _run_binary(p: tuple, shared: Any, mode: Any) -> Tensor:
+    kind, a, b = p
+    first = None if shared is None else shared.levels[0][..., 0]
     if kind == "max":
-        return b + torch.relu(a - b)
+        return _pair_max(a, b, first)
     if kind == "min":
-        return a - torch.relu(a - b)
+        return -_pair_max(-a, -b, first)
     return a * torch.reciprocal(b)  # div
 
 
@@ -927,17 +1053,8 @@ def _parse_adaptive_max_pool(func: Any, args: tuple, kwargs: dict, n: int) -> tu
     return t, n, [(0, 0)] * n, idxs
 
 
-def _pool_pad_value(p: tuple, p_ref: tuple | None) -> float:
-    """A padding value below every entry at the input and the reference (the same in both)."""
-    if not any(a or b for a, b in p[2]):
-        return 0.0
-    lo = float(p[0].detach().min())
-    if p_ref is not None:
-        lo = min(lo, float(p_ref[0].detach().min()))
-    return lo - 1.0
-
-
-def _run_max_pool(p: tuple, lo: float, mode: Any) -> Tensor:
+def _pool_windows(p: tuple, lo: float) -> Tensor:
+    """The pooling windows of ``p``'s input, ``(..., out_1, ..., out_n, K)``, padded with ``lo``."""
     t, n, pads, idxs = p
     x = t
     if any(a or b for a, b in pads):
@@ -946,7 +1063,26 @@ def _run_max_pool(p: tuple, lo: float, mode: Any) -> Tensor:
     for i, idx in enumerate(idxs):
         dim = base + i
         x = x.index_select(dim, idx.flatten()).unflatten(dim, tuple(idx.shape)).movedim(dim + 1, -1)
-    return _max_tree(x.flatten(-n))
+    return x.flatten(-n)
+
+
+def _pool_prepare(p: tuple, p_ref: tuple | None) -> tuple[float, _Orders | None]:
+    """The padding value and the max tree's orders over the windows (both passes; None for tame
+    values, the usual case, told from the input without building the windows)."""
+    ranges = _ranges(p[0], None if p_ref is None else p_ref[0])
+    # the padding: below every entry at the input and the reference (the same in both)
+    lo = min(r[0] for r in ranges) - 1.0 if ranges and any(a or b for a, b in p[2]) else 0.0
+    if _tame(ranges=ranges):
+        return lo, None
+    with torch.no_grad():
+        x = _pool_windows((p[0].detach(), *p[1:]), lo)
+        x_ref = None if p_ref is None else _pool_windows((p_ref[0].detach(), *p_ref[1:]), lo)
+    return lo, _tree_orders(x, x_ref)
+
+
+def _run_max_pool(p: tuple, shared: tuple[float, _Orders | None], mode: Any) -> Tensor:
+    lo, orders = shared
+    return _max_tree(_pool_windows(p, lo), orders)
 
 
 # attention, GLU, fused multiply-adds -----------------------------------------------------------
@@ -1016,7 +1152,7 @@ def _run_addmul(p: tuple, _shared: Any, mode: Any) -> Tensor:
 
 def _pool(n: int, adaptive: bool = False) -> _Composite:
     parse = _parse_adaptive_max_pool if adaptive else _parse_max_pool
-    return _Composite(lambda f, a, k: parse(f, a, k, n), _run_max_pool, _pool_pad_value)
+    return _Composite(lambda f, a, k: parse(f, a, k, n), _run_max_pool, _pool_prepare)
 
 
 #: Operations computed by a decomposition into operations with rules (see the module docstring).
@@ -1031,12 +1167,12 @@ COMPOSITES: dict[str, _Composite] = {
     "instance_norm": _Composite(_parse_instance_norm, _run_instance_norm),
     "var": _Composite(_parse_var, _run_var),
     "std": _Composite(_parse_var, lambda p, s, m: _run_var(p, s, m, root=True)),
-    "norm": _Composite(_parse_norm, _run_norm, applies=_norm_applies),
-    "linalg_vector_norm": _Composite(_parse_norm, _run_norm, applies=_norm_applies),
-    "max": _Composite(_parse_max, _run_max),
-    "amax": _Composite(_parse_max, _run_max),
-    "min": _Composite(lambda f, a, k: _parse_max(f, a, k, -1), _run_max),
-    "amin": _Composite(lambda f, a, k: _parse_max(f, a, k, -1), _run_max),
+    "norm": _Composite(_parse_norm, _run_norm, _norm_orders, applies=_norm_applies),
+    "linalg_vector_norm": _Composite(_parse_norm, _run_norm, _norm_orders, applies=_norm_applies),
+    "max": _Composite(_parse_max, _run_max, _max_orders),
+    "amax": _Composite(_parse_max, _run_max, _max_orders),
+    "min": _Composite(lambda f, a, k: _parse_max(f, a, k, -1), _run_max, _max_orders),
+    "amin": _Composite(lambda f, a, k: _parse_max(f, a, k, -1), _run_max, _max_orders),
     "scaled_dot_product_attention": _Composite(_parse_sdpa, _run_sdpa,
                                                applies=lambda p: not p[4]),
     "glu": _Composite(lambda f, a, k: (_first(a, k), _bound_argument(f, a, k, 1, "dim", -1)), _run_glu),
@@ -1050,10 +1186,10 @@ COMPOSITES: dict[str, _Composite] = {
 
 #: Nonlinearities of two operands, decomposed when BOTH depend on the input.
 BINARY_COMPOSITES: dict[str, _Composite] = {
-    "maximum": _Composite(lambda f, a, k: _parse_binary(f, a, k, "max"), _run_binary),
-    "fmax": _Composite(lambda f, a, k: _parse_binary(f, a, k, "max"), _run_binary),
-    "minimum": _Composite(lambda f, a, k: _parse_binary(f, a, k, "min"), _run_binary),
-    "fmin": _Composite(lambda f, a, k: _parse_binary(f, a, k, "min"), _run_binary),
+    "maximum": _Composite(lambda f, a, k: _parse_binary(f, a, k, "max"), _run_binary, _binary_orders),
+    "fmax": _Composite(lambda f, a, k: _parse_binary(f, a, k, "max"), _run_binary, _binary_orders),
+    "minimum": _Composite(lambda f, a, k: _parse_binary(f, a, k, "min"), _run_binary, _binary_orders),
+    "fmin": _Composite(lambda f, a, k: _parse_binary(f, a, k, "min"), _run_binary, _binary_orders),
     "div": _Composite(lambda f, a, k: _parse_binary(f, a, k, "div"), _run_binary),
     "rdiv": _Composite(lambda f, a, k: _parse_binary(f, a, k, "rdiv"), _run_binary),
 }

@@ -703,6 +703,28 @@ def test_minilm_conserves():
             assert (r.delta.abs() < 1e-4 * (r.outputs - r.baseline_outputs).abs()).all(), r.delta
 
 
+@pytest.mark.slow
+def test_minilm_intent_classifier_conserves_on_a_padded_batch():
+    """The demo's MiniLM intent classifier on two sentences of different lengths: the shorter is
+    padded, its attention mask holds -inf, and each softmax's shift falls back to the max tree
+    (the maxima at x and at the zero baseline are far apart). That once gave NaN attributions."""
+    demo_text = pytest.importorskip("nbattr.demo_text")
+    try:
+        model, tok, _labels = demo_text.minilm_intent_classifier()
+    except (ImportError, FileNotFoundError) as e:
+        pytest.skip(f"demo assets missing: {e}")
+    ids = tok(["this is terrible, I hate it", "thanks"], padding=True, return_tensors="pt")["input_ids"]
+    assert (ids == tok.pad_token_id).any()
+    for impl in ("sdpa", "eager"):
+        model.encoder.config._attn_implementation = impl
+        for rule in ("rescale", "reveal_cancel"):
+            r = deeplift(model, ids, "zeros", layer=model.word_embeddings, rule=rule)
+            assert torch.isfinite(r.attributions).all()
+            assert r.unsupported == {}
+            # measured: |delta| / |F(x) - F(x')| <= 3e-6
+            assert (r.delta.abs() < 1e-4 * (r.outputs - r.baseline_outputs).abs()).all(), (impl, rule, r.delta)
+
+
 def _both_directions(model, x, x0):
     """DeepLIFT's modified gradient recorded at the reference and taken at the input, and the
     other way round (what ``nbattr.attribute`` does)."""
@@ -908,16 +930,19 @@ def test_auto_batching_counts_the_tape(monkeypatch):
 class MaskedSoftmax(nn.Module):
     """Attention-style masking: the last two positions of every row are -inf (padding)."""
 
-    def __init__(self, reduce):
+    def __init__(self, reduce, fill=float("-inf"), add=False):
         super().__init__()
         self.fc = nn.Linear(6, 6)
-        self.reduce = reduce
+        self.reduce, self.fill, self.add = reduce, fill, add
         self.eval()
 
     def forward(self, x):
         mask = torch.zeros(6, dtype=torch.bool)
         mask[-2:] = True
-        s = self.fc(x).masked_fill(mask, float("-inf"))
+        s = self.fc(x)
+        fill = torch.finfo(s.dtype).min if self.fill == "min" else self.fill
+        # Hugging Face's eager attention adds finfo.min to the masked scores
+        s = s + mask * fill if self.add else s.masked_fill(mask, fill)
         if self.reduce == "softmax":
             return (s.softmax(-1) * torch.arange(6.0, dtype=x.dtype)).sum(-1, keepdim=True)
         if self.reduce == "log_softmax":
@@ -931,15 +956,30 @@ class MaskedSoftmax(nn.Module):
 
 @pytest.mark.parametrize("reduce", ["softmax", "log_softmax", "logsumexp", "amax", "max"])
 @pytest.mark.parametrize("far", [False, True])
-def test_masked_logits_in_a_decomposed_maximum(reduce, far):
-    """-inf entries (a padding mask) in a row whose maximum is decomposed into pairs
-    ``b + relu(a - b)``: a masked ``b`` gave ``-inf + inf = NaN`` and NaN attributions (MiniLM on
-    a padded batch). ``far``: the maxima at the input and the reference are so far apart that the
-    softmax shift is each pass's own maximum, taken by that decomposition too."""
+@pytest.mark.parametrize(("fill", "add"), [(float("-inf"), False), ("min", False), ("min", True), (-1e4, False)])
+def test_masked_logits_in_a_decomposed_maximum(reduce, far, fill, add):
+    """Masked entries (-inf, finfo.min filled or added, -1e4) in a row whose maximum is decomposed
+    into pairs ``o + relu(i - o)``: with a masked ``o`` a -inf gave ``-inf + inf = NaN`` (MiniLM on
+    a padded batch: NaN attributions), and finfo.min rounded the other operand away in ``i - o``,
+    losing its change between the passes (MiniLM, eager attention: |delta| 0.17). The larger of
+    each pair now sits outside. ``far``: the maxima at the input and the reference are so far
+    apart that the softmax shift is each pass's own maximum, taken by the tree too."""
     torch.manual_seed(0)
-    model = MaskedSoftmax(reduce)
+    model = MaskedSoftmax(reduce, fill, add)
     x = torch.randn(4, 6) * (400.0 if far else 1.0)
     x0 = torch.zeros(4, 6)
     r = deeplift(model, x, x0, target=0)
     assert torch.isfinite(r.attributions).all()
     assert_conserves(r, 1e-9)
+
+
+def test_the_ordered_max_tree_is_used_only_where_values_are_not_tame():
+    """The ordered pairs cost about twice the plain ones; a CNN's activations keep the plain
+    pairs (and max-pool its fast path), masked scores get the ordered ones."""
+    x, x0 = torch.randn(4, 9), torch.randn(4, 9)
+    assert rules._tree_orders(x, x0) is None
+    for fill in (float("-inf"), -1e4, torch.finfo(DT).min):
+        masked = x.clone()
+        masked[:, -2:] = fill
+        orders = rules._tree_orders(masked, x0)
+        assert orders is not None and len(orders.levels) == 4  # 9 -> 4 (+1) -> 2 (+1) -> 1 (+1) -> 1
