@@ -510,8 +510,10 @@ class Problem:
         if self.layer is None:
             out = self.model(z)
         else:
+            with torch._C.DisableTorchFunction():  # our own indexing: not the model's (DeepLIFT's tape)
+                x = self.x[rows]
             with _ReplaceOutput(self.layer, z):
-                out = self.model(self.x[rows])
+                out = self.model(x)
         self._check_output(out, z.shape[0])
         return out
 

@@ -271,6 +271,13 @@ PRODUCT_OPS: frozenset[str] = frozenset({
 #: compares); a condition that changes (``where(t > 0, t, 0)`` is a ReLU) has no rule.
 SELECT_OPS: frozenset[str] = frozenset({"where", "masked_fill"})
 
+#: Linear operations that pick entries by an index tensor. Linear for one index only: DeepLIFT
+#: tapes the index (integer or boolean tensors) and reports the call where the input's index
+#: differs from the reference's (``h.gather(1, h.argmax(1, keepdim=True))``, ``h[mask(h)]``).
+INDEX_OPS: frozenset[str] = frozenset({
+    "getitem", "setitem", "index_select", "gather", "take_along_dim", "repeat_interleave",
+})
+
 #: Outputs that are *gates* for ε-LRP's product rule (see :func:`_Replay._product`).
 GATE_OPS: frozenset[str] = frozenset({"sigmoid", "hardsigmoid", "softmax", "softmin"})
 
@@ -1195,7 +1202,7 @@ BINARY_COMPOSITES: dict[str, _Composite] = {
 }
 
 #: Every operation the reference pass tapes.
-TAPED_OPS: frozenset[str] = NONLINEAR_OPS | PRODUCT_OPS | SELECT_OPS | frozenset(COMPOSITES)
+TAPED_OPS: frozenset[str] = NONLINEAR_OPS | PRODUCT_OPS | SELECT_OPS | INDEX_OPS | frozenset(COMPOSITES)
 
 _TRANSPARENT: dict[Any, Any] = {}
 
@@ -1237,7 +1244,19 @@ def _taped_kind(op: _Op, func: Any, args: tuple, kwargs: dict, leaves: list[Any]
         return "product" if sum(isinstance(v, Tensor) for v in leaves) >= 2 else None
     if name in SELECT_OPS:
         return "select"
+    if name in INDEX_OPS:  # taped only with an index tensor (not for slices and ints)
+        return "index" if any(_is_index(v) for v in leaves) else None
     return None
+
+
+def _is_index(v: Any) -> bool:
+    return isinstance(v, Tensor) and not (v.is_floating_point() or v.is_complex())
+
+
+def _same_index(leaves: list[Any], entry: _TapeEntry) -> bool:
+    """Whether every index tensor among ``leaves`` equals the taped one."""
+    return all(not _is_index(v) or r is None or (v.shape == r.shape and torch.equal(v, r))
+               for v, r in zip(leaves, entry.leaves, strict=True))
 
 
 def _exact(fused: Tensor, dec: Tensor) -> Tensor:
@@ -1477,6 +1496,8 @@ class _Replay(TorchFunctionMode):
         out = func(*args, **kwargs)
         if not _requires_grad(out):
             return out
+        if kind == "index" and entry is not None and not _same_index(leaves, entry):
+            self._report(f"{op.name} (index differs from the reference)")
         if kind == "select":
             if entry is not None and not all(
                     r is None or v.dtype != torch.bool or torch.equal(v, r)

@@ -983,3 +983,51 @@ def test_the_ordered_max_tree_is_used_only_where_values_are_not_tame():
         masked[:, -2:] = fill
         orders = rules._tree_orders(masked, x0)
         assert orders is not None and len(orders.levels) == 4  # 9 -> 4 (+1) -> 2 (+1) -> 1 (+1) -> 1
+
+
+class Indexed(nn.Module):
+    """Entries picked by an index tensor: fixed (the same at both passes: linear), or computed from
+    the values (an argmax, a mask of the values: differs between the passes, so not linear)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.how = how
+        self.eval()
+
+    def forward(self, x):
+        h = self.fc(x)
+        fixed = torch.tensor([4, 0, 2])
+        if self.how == "fixed_gather":
+            return h.gather(1, fixed[None, :2].expand(h.shape[0], 2))
+        if self.how == "fixed_getitem":
+            return h[:, fixed] + h[torch.arange(h.shape[0]), fixed[:1].expand(h.shape[0])][:, None]
+        if self.how == "fixed_index_select":
+            return torch.relu(h).index_select(1, fixed)
+        if self.how == "argmax_gather":
+            return h.gather(1, h.argmax(1, keepdim=True))
+        if self.how == "argmax_getitem":
+            return h[torch.arange(h.shape[0]), h.argmin(1)][:, None]
+        return h.masked_fill(h > 0.5, 0.0)[:, :2]  # a select: its own check
+
+
+@pytest.mark.parametrize("how", ["fixed_gather", "fixed_getitem", "fixed_index_select",
+                                 "argmax_gather", "argmax_getitem", "value_mask"])
+def test_an_index_computed_from_the_values_is_reported(how):
+    """Indexing is linear for one index; where the index at the input differs from the one at the
+    reference, DeepLIFT's plain gradient misses completeness, so the call is named in
+    ``unsupported`` (it used to pass silently with delta != 0)."""
+    torch.manual_seed(3)
+    model = Indexed(how)
+    x, x0 = torch.randn(5, 4), torch.randn(5, 4) * 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = nbattr.attribute(model, x, method="deeplift", baseline=x0, target=0)
+    if how.startswith("fixed"):
+        assert_conserves(r, 1e-9)
+        return
+    name = {"argmax_gather": "gather (index differs from the reference)",
+            "argmax_getitem": "getitem (index differs from the reference)",
+            "value_mask": "masked_fill (condition differs from the reference)"}[how]
+    assert r.unsupported == {name: 1}
+    assert r.delta.abs().max() > 1e-3  # the reason it is reported
