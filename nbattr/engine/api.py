@@ -35,7 +35,9 @@ def attribute(
     ----------
     model : ``nn.Module`` or callable mapping a batch ``(N, ...)`` to scores ``(N, C)`` or ``(N,)``.
         Attribution runs on the model's device; the model is left exactly as found (training flags,
-        ``requires_grad``, ``.grad``, buffers, hooks), also when the call raises.
+        ``requires_grad``, ``.grad``, buffers, hooks), also when the call raises. For a callable
+        (``lambda x: net(x).logits``) that holds for the modules it reaches by name (closure,
+        globals it names, a bound method's or a ``__call__`` object's attributes).
     x : float tensor ``(N, ...)``. A 1-D tensor is one example; an input the model rejects as a
         batch (or maps to a different number of rows) is taken as one example ``x[None]``. The
         result of an unbatched example has N = 1 and ``params["unbatched"] = True``.

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
+import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -122,6 +124,61 @@ class _Snapshot:
                     del d[k]
 
 
+def _names(code: types.CodeType) -> set[str]:
+    """The global names a code object (and the lambdas, comprehensions and functions in it) uses."""
+    names = set(code.co_names)
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            names |= _names(c)
+    return names
+
+
+def modules_of(model: Any) -> list[nn.Module]:
+    """The modules that make up ``model``: itself when it is an ``nn.Module``; for another callable
+    (``lambda x: net(x).logits``, a function, a bound method, a ``functools.partial``, an object
+    with ``__call__``) the modules it reaches by name: its closure, defaults, the globals its
+    code names, the attributes of its object, two helper functions deep. Only the outermost (a
+    module inside another one found is covered by it), in the order found."""
+    found: list[nn.Module] = []
+    seen: set[int] = set()
+
+    def visit(v: Any, depth: int) -> None:
+        if id(v) in seen or isinstance(v, (type, types.ModuleType, str, bytes, int, float, torch.Tensor)):
+            return
+        seen.add(id(v))
+        if isinstance(v, nn.Module):
+            found.append(v)
+            return
+        if depth > 2:
+            return
+        if isinstance(v, functools.partial):
+            for w in (v.func, *v.args, *v.keywords.values()):
+                visit(w, depth + 1)
+        elif isinstance(v, types.MethodType):
+            visit(v.__self__, depth + 1)
+            visit(v.__func__, depth + 1)
+        elif isinstance(v, types.FunctionType):
+            for cell in v.__closure__ or ():
+                with contextlib.suppress(ValueError):  # an empty cell
+                    visit(cell.cell_contents, depth + 1)
+            for w in (*(v.__defaults__ or ()), *(v.__kwdefaults__ or {}).values()):
+                visit(w, depth + 1)
+            g = v.__globals__
+            for name in sorted(_names(v.__code__)):
+                if name in g:
+                    visit(g[name], depth + 1)
+        elif callable(v) and hasattr(v, "__dict__"):  # an object with __call__
+            for w in vars(v).values():
+                visit(w, depth + 1)
+            visit(getattr(type(v).__call__, "__func__", type(v).__call__), depth + 1)
+
+    visit(model, 0)
+    if len(found) > 1:
+        inner = {id(m) for f in found for m in f.modules() if m is not f}
+        found = [m for m in found if id(m) not in inner]
+    return found
+
+
 # One snapshot per model while any guard on it is open, in any thread: the widget computes on a
 # worker thread while the kernel may call nbattr on the same model, and a second snapshot taken
 # inside the first would see (and later restore) the first one's requires_grad=False.
@@ -141,9 +198,15 @@ def model_guard(model: Any) -> Iterator[None]:
     Guards on the same model nest, also across threads: the state is taken by the first to enter
     and restored by the last to leave. Hooks added while any guard is open are removed then
     (including one a user registers from another thread meanwhile: register hooks between calls).
+
+    A model that is not an ``nn.Module`` (``lambda x: net(x).logits``) guards the modules it
+    reaches (:func:`modules_of`).
     """
     if not isinstance(model, nn.Module):
-        yield
+        with contextlib.ExitStack() as stack:
+            for m in modules_of(model):
+                stack.enter_context(model_guard(m))
+            yield
         return
     with _LOCK:
         snap = _OPEN.get(id(model))
@@ -166,7 +229,7 @@ def model_storages(model: Any) -> set[int]:
     """The storages of a model's parameters and buffers (from the open guard's snapshot when
     there is one: no second walk over the modules)."""
     if not isinstance(model, nn.Module):
-        return set()
+        return set().union(*(model_storages(m) for m in modules_of(model)))
     with _LOCK:
         snap = _OPEN.get(id(model))
     if snap is not None:

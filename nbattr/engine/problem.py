@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from . import baselines as _baselines
 from .batching import PROBE_ROWS, BatchSize, StorageBytes, is_oom, run_chunked
 from .errors import InputError, NoGradientPathError, TargetError, user_stacklevel
-from .guard import model_storages, thread_hook
+from .guard import model_storages, modules_of, thread_hook
 from .result import Attribution
 
 TargetSpec = int | str | Sequence[int] | Sequence[Sequence[int]] | Tensor | None
@@ -59,18 +59,19 @@ def _known_usual_layout(model: Any) -> bool:
 
 
 def model_device(model: Any, fallback: torch.device) -> torch.device:
-    if isinstance(model, nn.Module):
-        for t in model.parameters():
+    """Where the model's (or, for a callable, its modules') first parameter or buffer lives."""
+    for m in modules_of(model):
+        for t in m.parameters():
             return t.device
-        for t in model.buffers():
+        for t in m.buffers():
             return t.device
     return fallback
 
 
-def _mode_dependent(model: nn.Module) -> bool:
+def _mode_dependent(model: Any) -> bool:
     """Whether the model is in training mode and has modules that behave differently then."""
     kinds = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
-    return any(m.training and isinstance(m, kinds) for m in model.modules())
+    return any(m.training and isinstance(m, kinds) for top in modules_of(model) for m in top.modules())
 
 
 class _ReplaceOutput:
@@ -264,7 +265,7 @@ class Problem:
         # baselines and the model's full output at them, shared with every for_target() view
         # (and whether the model takes its points channels-last: decided by the first forward)
         self._shared: dict[str, Any] = {"baselines": None, "baseline_full": None, "channels_last": False}
-        if isinstance(model, nn.Module) and _mode_dependent(model):
+        if _mode_dependent(model):
             warnings.warn(
                 "the model is in training mode: dropout and batch-norm make attributions random "
                 "and batch-dependent; call model.eval() first", stacklevel=4)

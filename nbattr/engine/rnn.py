@@ -56,6 +56,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from .guard import modules_of
+
 __all__ = [
     "UNROLLED",
     "gru_cell_forward",
@@ -371,8 +373,8 @@ def unrolled_rnns(model: Any) -> Iterator[list[str]]:
 
     Parameters
     ----------
-    model : an ``nn.Module`` (the model itself may be a recurrent module) or any callable
-        (nothing is done for a callable that is not a module).
+    model : an ``nn.Module`` (the model itself may be a recurrent module) or any callable (then
+        the modules it reaches, :func:`~nbattr.engine.guard.modules_of`).
 
     Yields
     ------
@@ -386,13 +388,10 @@ def unrolled_rnns(model: Any) -> Iterator[list[str]]:
     ``forward`` that was set is deleted. A module whose class overrides ``forward``, or that
     already has an instance ``forward`` of its own, is left alone.
     """
-    if not isinstance(model, nn.Module):
-        yield []
-        return
     mine: list[nn.Module] = []
     names: list[str] = []
     try:
-        for m in model.modules():
+        for m in (m for top in modules_of(model) for m in top.modules()):
             if not isinstance(m, (nn.RNNBase, nn.RNNCellBase)):
                 continue
             fn = unrolled_forward(m)

@@ -165,7 +165,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .batching import StorageBytes, run_chunked
 from .errors import InputError, UnsupportedOperationError
-from .guard import model_storages
+from .guard import model_storages, modules_of
 from .problem import Problem, score_gradient
 from .registry import multi_target, register
 from .rnn import unrolled_rnns
@@ -1798,8 +1798,8 @@ def record_first_forward(model: Any, options: dict[str, Any]) -> Callable[[], _R
     unrolled in the passes), else None."""
     if options.get("rule", "rescale") != "rescale":
         return None
-    if isinstance(model, torch.nn.Module) and any(
-            isinstance(m, (torch.nn.RNNBase, torch.nn.RNNCellBase)) for m in model.modules()):
+    if any(isinstance(m, (torch.nn.RNNBase, torch.nn.RNNCellBase))
+           for top in modules_of(model) for m in top.modules()):
         return None
     return _Recorder
 

@@ -112,3 +112,71 @@ def test_bound_argument_by_keyword_position_and_default() -> None:
     assert _bound_argument(_f, (), {}, None, "x", "none") == "none"  # no default, not given
     assert _bound_argument(torch.nn.functional.hardtanh, (t, -2.0), {}, 1, "min_val", -1.0) == -2.0
     assert _bound_argument(torch.nn.functional.relu6, (t, True), {}, None, "inplace", False) is True
+
+
+# -- callables that are not modules ---------------------------------------------------------------
+NET = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+
+
+def _uses_global(x):
+    return NET(x)
+
+
+class _Wrapper:
+    """Not a module: an object whose __call__ uses the module it holds."""
+
+    def __init__(self, net):
+        self.net = net
+
+    def __call__(self, x):
+        return self.net(x) * 2
+
+
+def _callables(net):
+    import functools
+
+    head, child = nn.Linear(3, 2), net[2]
+    return {
+        "lambda over a closure": (lambda x: net(x)[:, :2], [net]),
+        "lambda over a global": (lambda x: NET(x), [NET]),
+        "function over a global": (_uses_global, [NET]),
+        "partial": (functools.partial(lambda m, x: m(x), net), [net]),
+        "bound method": (net.forward, [net]),
+        "object with __call__": (_Wrapper(net), [net]),
+        "two modules": (lambda x: head(net(x)), [head, net]),
+        "a module and its child": (lambda x: child(net(x)), [net]),  # the child is covered
+    }
+
+
+@pytest.mark.parametrize("name", list(_callables(NET)))
+def test_modules_of_a_callable(name):
+    from nbattr.engine.guard import modules_of
+
+    fn, expected = _callables(NET)[name]
+    assert {id(m) for m in modules_of(fn)} == {id(m) for m in expected}
+
+
+@pytest.mark.parametrize("method", ["integrated_gradients", "deeplift", "saliency"])
+def test_a_callable_model_is_guarded_like_a_module(method):
+    """``lambda x: net(x)[0]``-style models: their modules' parameters are frozen during the call
+    (so DeepLIFT sees a Linear's weight as the constant it is, not a second varying operand) and
+    restored after it, also when the call raises."""
+    import nbattr
+
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    net[2].bias.requires_grad_(False)  # a mixed state to restore
+    seen = []
+    net.register_forward_hook(lambda m, i, o: seen.append([p.requires_grad for p in m.parameters()]))
+    before = _snapshot(net)
+    r = nbattr.attribute(lambda x: net(x) + 0, torch.randn(3, 4), method=method, baseline="zeros")
+    assert seen and all(not any(s) for s in seen)
+    assert r.unsupported == {} if method == "deeplift" else True
+    assert _equal(_snapshot(net), before)
+
+    def boom(x):
+        net(x)
+        raise RuntimeError("boom")
+
+    with pytest.raises(Exception, match="boom"):
+        nbattr.attribute(boom, torch.randn(3, 4), method=method)
+    assert _equal(_snapshot(net), before)

@@ -324,6 +324,18 @@ def test_context_without_rnn_changes_nothing():
         assert names == []
 
 
+def test_a_callable_model_has_its_recurrent_modules_unrolled_too():
+    """``lambda ids: model(ids)``: the modules it reaches are unrolled (and guarded) as the model's."""
+    torch.manual_seed(0)
+    model = TextRNN("lstm").eval()
+    ids = torch.randint(0, 40, (2, 5))
+    before = _snapshot(model)
+    r = nbattr.attribute(lambda i: model(i), ids, method="deeplift", layer=model.embedding, strict=True)
+    _conserves(r)
+    assert r.params["unrolled"] == ["LSTM"]
+    _assert_as_found(model, before)
+
+
 def test_context_leaves_custom_forwards_alone():
     sub = MyLSTM(3, 4).eval()
     assert rnn.unrolled_forward(sub) is None
@@ -531,7 +543,10 @@ def test_rules_report_the_fused_kernel_without_unrolling():
     """The fused LSTM is one opaque operation to the rules: reported, and conservation fails."""
     torch.manual_seed(0)
     model = TextRNN("lstm").eval()
-    fused = lambda ids: model(ids)  # noqa: E731 - a callable, so nothing is unrolled
+    lstm = model.rnn
+    model.rnn = MyLSTM(lstm.input_size, lstm.hidden_size, batch_first=True).eval()  # not unrolled
+    model.rnn.load_state_dict(lstm.state_dict())
+    fused = model
     ids = torch.randint(0, 40, (2, 5))
     with pytest.warns(UserWarning, match="lstm"):
         r = nbattr.attribute(fused, ids, method="deeplift", layer=model.embedding)
