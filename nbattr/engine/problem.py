@@ -132,7 +132,7 @@ def _require_tensor(out: Any) -> Tensor:
         how = f"model(x)[{next(iter(out))!r}]"
     else:
         how = None
-    hint = f": wrap it in a module whose forward returns {how}" if how else ""
+    hint = f": pass `lambda x: {how}` as the model" if how else ""
     raise InputError(f"the model must return a tensor of scores, (N, C) or (N,), but returned "
                      f"{type(out).__name__}{hint}")
 

@@ -438,9 +438,9 @@ class _WithLogits:
 
 
 @pytest.mark.parametrize(("wrap", "hint"), [
-    (lambda s: (s, s * 2), r"tuple: wrap it in a module whose forward returns model\(x\)\[0\]"),
-    (lambda s: {"scores": s}, r"dict: wrap it in a module whose forward returns model\(x\)\['scores'\]"),
-    (_WithLogits, r"_WithLogits: wrap it in a module whose forward returns model\(x\).logits"),
+    (lambda s: (s, s * 2), r"tuple: pass `lambda x: model\(x\)\[0\]` as the model"),
+    (lambda s: {"scores": s}, r"dict: pass `lambda x: model\(x\)\['scores'\]` as the model"),
+    (_WithLogits, r"_WithLogits: pass `lambda x: model\(x\).logits` as the model"),
     (lambda s: None, r"returned NoneType$"),
 ])
 @pytest.mark.parametrize("shape", [(2, 4), (1, 3, 4, 4)])  # the second tries channels-last first
