@@ -406,6 +406,8 @@ class Problem:
         if out.dim() not in (1, 2) or out.shape[0] != n:
             raise InputError(f"the model's output has shape {tuple(out.shape)}; expected (N, C) or "
                              f"(N,) with N = {n}")
+        if out.dim() == 2 and out.shape[1] == 0:
+            raise InputError(f"the model's output has shape {tuple(out.shape)}: no scores to attribute")
         if not out.is_floating_point():
             raise InputError(f"the model's output has dtype {out.dtype}; expected floating point")
 

@@ -40,6 +40,8 @@ def test_wrong_rank_names_shapes() -> None:
 
     with pytest.raises(nbattr.InputError, match=r"expected \(N, C\) or \(N,\)"):
         nbattr.attribute(three_d, torch.randn(2, 6))
+    with pytest.raises(nbattr.InputError, match=r"shape \(2, 0\): no scores to attribute"):
+        nbattr.attribute(lambda x: x[:, :0], torch.randn(2, 6))
 
 
 @pytest.mark.parametrize("target", [4, -1, [0, 9]])
