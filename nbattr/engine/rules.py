@@ -183,7 +183,8 @@ NONLINEAR_OPS: frozenset[str] = frozenset({
     "softplus", "sigmoid", "tanh", "hardtanh", "hardsigmoid", "hardswish", "logsigmoid",
     "softsign", "tanhshrink", "softshrink", "hardshrink", "threshold",
     "exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "sqrt", "rsqrt", "square",
-    "pow", "rpow", "float_power", "abs", "sin", "cos", "erf", "atan", "asinh",
+    "pow", "rpow", "float_power", "abs", "sin", "cos", "tan", "erf", "erfc", "atan", "asinh",
+    "sinh", "cosh", "asin", "acos", "atanh", "acosh", "logit",
     "clamp", "clamp_min", "clamp_max", "maximum", "minimum", "fmax", "fmin",
     "reciprocal", "div", "rdiv",
 })
@@ -208,6 +209,9 @@ LINEAR_OPS: frozenset[str] = frozenset({
     "diagonal", "unfold", "index_select", "gather", "take_along_dim", "repeat_interleave", "tril",
     "triu", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle",
     "_pack_padded_sequence", "_pad_packed_sequence", "pad_sequence",  # packed RNN input and output
+    "index_fill", "index_copy", "index_add", "index_put", "scatter", "scatter_add", "masked_select",
+    "masked_scatter", "take", "select_scatter", "slice_scatter", "diagonal_scatter", "diag",
+    "diag_embed", "trace",
     "to", "float", "double", "half", "bfloat16", "type", "type_as", "identity", "zero", "fill",
     # sums, averages and resampling
     "add", "sub", "rsub", "neg", "positive", "sum", "mean", "cumsum",
@@ -276,6 +280,8 @@ SELECT_OPS: frozenset[str] = frozenset({"where", "masked_fill"})
 #: differs from the reference's (``h.gather(1, h.argmax(1, keepdim=True))``, ``h[mask(h)]``).
 INDEX_OPS: frozenset[str] = frozenset({
     "getitem", "setitem", "index_select", "gather", "take_along_dim", "repeat_interleave",
+    "index_fill", "index_copy", "index_add", "index_put", "scatter", "scatter_add", "masked_select",
+    "masked_scatter", "take",
 })
 
 #: Outputs that are *gates* for ε-LRP's product rule (see :func:`_Replay._product`).
@@ -1249,6 +1255,13 @@ def _taped_kind(op: _Op, func: Any, args: tuple, kwargs: dict, leaves: list[Any]
     return None
 
 
+def _varies(v: Any) -> bool:
+    """Whether ``v`` depends on the input in a pass with the rules: computed from it with grad (the
+    model gets a copy of the leaf, so a leaf that requires grad is a parameter or the user's own
+    tensor, a constant here)."""
+    return isinstance(v, Tensor) and v.requires_grad and not v.is_leaf
+
+
 def _is_index(v: Any) -> bool:
     return isinstance(v, Tensor) and not (v.is_floating_point() or v.is_complex())
 
@@ -1479,10 +1492,14 @@ class _Replay(TorchFunctionMode):
         kind = _taped_kind(op, func, args, kwargs, leaves) if op.name in TAPED_OPS else None
         entry = self._next_entry(op, leaves) if kind is not None and self.tape is not None else None
         if not torch.is_grad_enabled():
+            if any(_varies(v) for v in leaves):  # a value of the input made into a constant
+                self._report(f"{op.name} (under no_grad)")
             return func(*args, **kwargs)
         varying = [i for i, v in enumerate(leaves) if isinstance(v, Tensor) and v.requires_grad]
         if not varying:
             return func(*args, **kwargs)
+        if op.name == "detach" and _varies(leaves[0]):
+            self._report("detach (a value of the input used as a constant)")
         if kind == "composite":
             return self._composite(COMPOSITES[op.name], func, op, args, kwargs, leaves, spec, entry)
         if kind == "nonlinear":

@@ -1031,3 +1031,77 @@ def test_an_index_computed_from_the_values_is_reported(how):
             "value_mask": "masked_fill (condition differs from the reference)"}[how]
     assert r.unsupported == {name: 1}
     assert r.delta.abs().max() > 1e-3  # the reason it is reported
+
+
+_SQUASH = {  # elementwise functions on a domain: t -> a value in it, then the function
+    "sinh": torch.sinh, "cosh": torch.cosh, "tan": lambda t: torch.tan(0.5 * torch.tanh(t)),
+    "asin": lambda t: torch.asin(0.9 * torch.tanh(t)), "acos": lambda t: torch.acos(0.9 * torch.tanh(t)),
+    "atanh": lambda t: torch.atanh(0.9 * torch.tanh(t)), "acosh": lambda t: torch.acosh(1.5 + t * t),
+    "erfc": torch.erfc, "logit": lambda t: torch.logit(torch.sigmoid(t) * 0.9 + 0.05),
+}
+_INDEXED = {  # linear ops that place or pick entries by a fixed index
+    "index_fill": lambda h: h.index_fill(1, torch.tensor([0, 3]), 0.5),
+    "index_add": lambda h: h.index_add(1, torch.tensor([0, 0, 2]), h[:, :3]),
+    "scatter": lambda h: torch.zeros_like(h).scatter(1, torch.tensor([[4, 1]]).expand(h.shape[0], 2), h[:, :2]),
+    "scatter_add": lambda h: h.scatter_add(1, torch.tensor([[1, 1]]).expand(h.shape[0], 2), h[:, 2:4]),
+    "masked_select": lambda h: torch.relu(h).masked_select(torch.tensor([True, False, True, True, False]))
+                                                          .view(h.shape[0], 3),
+    "take": lambda h: torch.stack([torch.take(r, torch.tensor([4, 0])) for r in h.unbind(0)]),
+    "diag_embed": lambda h: torch.diag_embed(h).sum(-1),
+}
+
+
+class _Elementwise(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+        self.fn = fn
+        self.eval()
+
+    def forward(self, x):
+        h = self.fn(self.a(x))
+        return self.b(torch.cat([h, h.new_zeros(h.shape[0], 5 - h.shape[1])], 1) if h.shape[1] < 5 else h)
+
+
+@pytest.mark.parametrize("name", [*_SQUASH, *_INDEXED])
+def test_more_elementwise_and_indexing_ops_have_rules(name):
+    torch.manual_seed(5)
+    model = _Elementwise({**_SQUASH, **_INDEXED}[name])
+    r = deeplift(model, torch.randn(4, 4), torch.randn(4, 4) * 0.3)
+    assert_conserves(r, 1e-9)
+    assert (r.outputs - r.baseline_outputs).abs().max() > 1e-3
+
+
+class _Detached(nn.Module):
+    """A value of the input turned into a constant: ``detach()`` or computed under ``no_grad``."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+        self.how = how
+        self.eval()
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.how == "detach":
+            return self.b(h * torch.sign(h.detach()))
+        with torch.no_grad():
+            scale = h.abs().amax(1, keepdim=True)
+        with torch.no_grad():  # a constant that does not come from the input: not reported
+            w = self.a.weight.abs().amax()
+        return self.b(h / scale * w)
+
+
+@pytest.mark.parametrize("how", ["detach", "no_grad"])
+def test_a_value_of_the_input_made_a_constant_is_reported(how):
+    """``sign(h.detach())`` or a scale computed under ``no_grad`` differ between x and x', but
+    the rules can only take them as constants, so completeness fails: the call is named."""
+    torch.manual_seed(6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = nbattr.attribute(_Detached(how), torch.randn(4, 4), method="deeplift",
+                             baseline=torch.randn(4, 4) * 2, target=0)
+    expected = {"detach": "detach (a value of the input used as a constant)",
+                "no_grad": "abs (under no_grad)"}[how]
+    assert expected in r.unsupported
+    assert r.delta.abs().max() > 1e-4  # the reason
