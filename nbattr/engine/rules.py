@@ -22,7 +22,11 @@ The operation table
   mul, div, einsum, ...) when at most one operand depends on the input; :data:`EVAL_ONLY_OPS`
   (batch norm, dropout) when not training; :data:`SELECT_OPS` (``where``, ``masked_fill``)
   while the condition is the same at the input and the reference (DeepLIFT compares the taped
-  condition; a condition that changes, as in ``where(t > 0, t, 0)``, is reported).
+  condition; a condition that changes, as in ``where(t > 0, t, 0)``, is reported), and likewise
+  indexing by a tensor (:data:`INDEX_OPS`: ``gather``, ``h[idx]``, ``scatter``, ...) while the
+  index is the same (``h.gather(1, h.argmax(1, keepdim=True))`` is reported). A value of the
+  input made a constant (``detach()``, or computed under ``no_grad`` inside the forward) is
+  reported: it differs between the passes, which the rules cannot see.
 * Elementwise nonlinearities, Rescale / ε multiplier (:data:`NONLINEAR_OPS`): relu and its
   variants, sigmoid, tanh, softplus, GELU (both forms), SiLU, mish, hardswish, hardsigmoid,
   ELU/SELU/CELU, exp, log, sqrt, rsqrt, pow, abs, sin, cos, erf, clamp, reciprocal, ``c / t``,
