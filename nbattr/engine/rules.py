@@ -188,7 +188,7 @@ NONLINEAR_OPS: frozenset[str] = frozenset({
     "softsign", "tanhshrink", "softshrink", "hardshrink", "threshold",
     "exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "sqrt", "rsqrt", "square",
     "pow", "rpow", "float_power", "abs", "sin", "cos", "tan", "erf", "erfc", "atan", "asinh",
-    "sinh", "cosh", "asin", "acos", "atanh", "acosh", "logit",
+    "sinh", "cosh", "asin", "acos", "atanh", "acosh", "logit", "rrelu",
     "clamp", "clamp_min", "clamp_max", "maximum", "minimum", "fmax", "fmin",
     "reciprocal", "div", "rdiv",
 })
@@ -207,7 +207,8 @@ LINEAR_OPS: frozenset[str] = frozenset({
     # shape and indexing
     "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze",
     "permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t", "T", "mT",
-    "contiguous", "expand", "expand_as", "repeat", "tile", "getitem", "setitem", "narrow",
+    "contiguous", "expand", "expand_as", "broadcast_to", "broadcast_tensors", "ravel", "atleast_1d",
+    "atleast_2d", "atleast_3d", "repeat", "tile", "getitem", "setitem", "narrow",
     "select", "split", "split_with_sizes", "tensor_split", "chunk", "unbind", "cat", "concat",
     "concatenate", "stack", "hstack", "vstack", "pad", "clone", "copy", "flip", "roll",
     "diagonal", "unfold", "index_select", "gather", "take_along_dim", "repeat_interleave", "tril",
@@ -433,6 +434,8 @@ def _rule_applies(op: _Op, t: Tensor, args: tuple, kwargs: dict) -> bool:
     if op.name in DENOMINATOR_INDEX:
         i = DENOMINATOR_INDEX[op.name]
         return kwargs.get("rounding_mode") is None and len(args) > i and args[i] is t
+    if op.name == "rrelu" and kwargs.get("training", args[3] if len(args) > 3 else False):
+        return False  # random slopes: no rule (a leaky relu when not training)
     if op.name in NONLINEAR_ANY_OPERAND:
         return True
     return _is_first_argument(t, args, kwargs)
@@ -1138,6 +1141,25 @@ def _run_glu(p: tuple, _shared: Any, mode: Any) -> Tensor:
     return a * torch.sigmoid(b)
 
 
+def _parse_cosine(func: Any, args: tuple, kwargs: dict) -> tuple:
+    a = _first(args, kwargs)
+    b = args[1] if len(args) > 1 else kwargs.get("x2")
+    return (a, b, int(_bound_argument(func, args, kwargs, 2, "dim", 1)),
+            float(_bound_argument(func, args, kwargs, 3, "eps", 1e-8)))
+
+
+def _run_cosine(p: tuple, _shared: Any, mode: Any) -> Tensor:
+    """``cosine_similarity`` as ATen computes it: each operand over its norm (clamped to ``eps``),
+    then the sum of their product."""
+    a, b, dim, eps = p
+
+    def unit(t: Tensor) -> Tensor:
+        return t / torch.clamp_min(torch.sqrt(torch.square(t).sum(dim, keepdim=True)), eps)
+
+    a, b = torch.broadcast_tensors(a, b)
+    return (unit(a) * unit(b)).sum(dim)
+
+
 def _parse_addmul(func: Any, args: tuple, kwargs: dict, kind: str) -> tuple:
     """``input + value * t1 * t2`` (addcmul), ``... / t2`` (addcdiv), ``beta * input + alpha *
     (m1 @ m2)`` (addmm, baddbmm, addbmm)."""
@@ -1193,6 +1215,7 @@ COMPOSITES: dict[str, _Composite] = {
     "scaled_dot_product_attention": _Composite(_parse_sdpa, _run_sdpa,
                                                applies=lambda p: not p[4]),
     "glu": _Composite(lambda f, a, k: (_first(a, k), _bound_argument(f, a, k, 1, "dim", -1)), _run_glu),
+    "cosine_similarity": _Composite(_parse_cosine, _run_cosine),
     **{name: _Composite(lambda f, a, k, kind=name: _parse_addmul(f, a, k, kind), _run_addmul)
        for name in ("addcmul", "addcdiv", "addmm", "baddbmm", "addbmm")},
     **{f"max_pool{n}d": _pool(n) for n in (1, 2, 3)},

@@ -1038,6 +1038,8 @@ _SQUASH = {  # elementwise functions on a domain: t -> a value in it, then the f
     "asin": lambda t: torch.asin(0.9 * torch.tanh(t)), "acos": lambda t: torch.acos(0.9 * torch.tanh(t)),
     "atanh": lambda t: torch.atanh(0.9 * torch.tanh(t)), "acosh": lambda t: torch.acosh(1.5 + t * t),
     "erfc": torch.erfc, "logit": lambda t: torch.logit(torch.sigmoid(t) * 0.9 + 0.05),
+    "rrelu_eval": lambda t: F.rrelu(t, training=False),
+    "cosine_similarity": lambda t: F.cosine_similarity(t, t.flip(1) + 0.5, dim=1)[:, None] * t,
 }
 _INDEXED = {  # linear ops that place or pick entries by a fixed index
     "index_fill": lambda h: h.index_fill(1, torch.tensor([0, 3]), 0.5),
@@ -1105,3 +1107,13 @@ def test_a_value_of_the_input_made_a_constant_is_reported(how):
                 "no_grad": "abs (under no_grad)"}[how]
     assert expected in r.unsupported
     assert r.delta.abs().max() > 1e-4  # the reason
+
+
+def test_rrelu_in_training_is_reported():
+    """Random slopes in training mode: no rule (in eval mode it is a leaky relu, above)."""
+    torch.manual_seed(7)
+    model = _Elementwise(lambda t: F.rrelu(t, training=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = nbattr.attribute(model, torch.randn(4, 4), method="deeplift", baseline="zeros")
+    assert r.unsupported == {"rrelu": 1}
