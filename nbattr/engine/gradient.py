@@ -448,8 +448,13 @@ def integrated_gradients(p: Problem, *, steps: int | str = 50, rule: str = "gaus
     tol_, max_steps_ = _check_auto_options(steps, tol, max_steps)
     extra = {}
     if path is not None:
-        g0 = path(torch.tensor(0.0, dtype=p.inputs.dtype, device=p.device)).detach()
-        g1 = path(torch.tensor(1.0, dtype=p.inputs.dtype, device=p.device)).detach()
+        ends = [path(torch.tensor(a, dtype=p.inputs.dtype, device=p.device)) for a in (0.0, 1.0)]
+        for a, g in zip((0, 1), ends, strict=True):
+            if not isinstance(g, Tensor) or g.shape != p.inputs.shape:
+                got = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
+                raise InputError(f"path({a}) returned {got}; path(alpha) must return a tensor shaped "
+                                 f"like x, {tuple(p.inputs.shape)}")
+        g0, g1 = (g.detach() for g in ends)
         if not torch.allclose(g1, p.inputs, rtol=1e-4, atol=1e-6):
             raise InputError("path(1) must equal the attributed input x")
         rows = torch.arange(p.n, device=p.device)

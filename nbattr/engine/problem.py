@@ -237,6 +237,8 @@ class Problem:
             )
         if x.dim() == 0:
             raise InputError("x is a 0-d tensor; give at least one feature dimension")
+        if x.numel() == 0:
+            raise InputError(f"x of shape {tuple(x.shape)} is empty: nothing to attribute")
         if x.is_floating_point() and not torch.isfinite(x).all():
             raise InputError("x contains NaN or Inf")
         if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):

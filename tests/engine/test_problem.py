@@ -34,6 +34,10 @@ def test_wrong_rank_names_shapes() -> None:
         nbattr.attribute(mlp(), torch.randn(2, 3, 6, 2))
     with pytest.raises(nbattr.InputError, match="0-d"):
         nbattr.attribute(mlp(), torch.tensor(1.0))
+    with pytest.raises(nbattr.InputError, match=r"x of shape \(0, 6\) is empty"):
+        nbattr.attribute(mlp(), torch.randn(0, 6))
+    with pytest.raises(nbattr.InputError, match=r"path\(0\) returned NoneType; path\(alpha\) must return"):
+        nbattr.attribute(mlp(), torch.randn(2, 6), path=lambda a: None)
 
     def three_d(x: torch.Tensor) -> torch.Tensor:
         return x[:, :, None]
