@@ -2,10 +2,11 @@
 
 ``batch_size="auto"`` measures what one row costs while running the first (small) chunk: the
 bytes autograd saves for backward (``torch.autograd.graph.saved_tensors_hooks``; the model's
-weights, which it saves too, are not per row and are left out) plus the chunk's own tensors. The rest is then cut into chunks that fit a budget: a share of the free
-GPU memory (``torch.cuda.mem_get_info``) on CUDA, a bounded amount (and at most
-``CPU_MAX_ROWS`` rows) on CPU. On a CUDA
-out-of-memory error the chunk is halved and retried, so a user never has to guess a size.
+weights, which it saves too, are not per row and are left out) plus the chunk's own tensors. The
+rest is then cut into chunks that fit a budget: a share of the free GPU memory
+(``torch.cuda.mem_get_info``) on CUDA, a bounded amount (and at most ``CPU_MAX_ROWS`` rows) on
+CPU. On a CUDA out-of-memory error the chunk is halved and retried, so a user never has to guess
+a size.
 
 :func:`watch` lets a caller follow and stop that work: every chunked pass run inside the block (in
 this thread) reports ``progress(done, total)`` rows after each chunk and asks ``cancel()`` before

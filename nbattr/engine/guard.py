@@ -137,8 +137,9 @@ def modules_of(model: Any) -> list[nn.Module]:
     """The modules that make up ``model``: itself when it is an ``nn.Module``; for another callable
     (``lambda x: net(x).logits``, a function, a bound method, a ``functools.partial``, an object
     with ``__call__``) the modules it reaches by name: its closure, defaults, the globals its
-    code names, the attributes of its object, two helper functions deep. Only the outermost (a
-    module inside another one found is covered by it), in the order found."""
+    code names, the attributes of its object, the items of a small list, tuple or dict among
+    those, two levels deep. Only the outermost (a module inside another one found is covered by
+    it), in the order found."""
     found: list[nn.Module] = []
     seen: set[int] = set()
 
@@ -151,7 +152,11 @@ def modules_of(model: Any) -> list[nn.Module]:
             return
         if depth > 2:
             return
-        if isinstance(v, functools.partial):
+        if isinstance(v, (list, tuple, dict)):  # an ensemble: models[0](x); a small container only
+            items = list(v.values()) if isinstance(v, dict) else list(v)
+            for w in items if len(items) <= 64 else ():
+                visit(w, depth + 1)
+        elif isinstance(v, functools.partial):
             for w in (v.func, *v.args, *v.keywords.values()):
                 visit(w, depth + 1)
         elif isinstance(v, types.MethodType):

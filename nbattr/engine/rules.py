@@ -773,7 +773,7 @@ def _shift(p: tuple, p_ref: tuple | None) -> Tensor | _Orders | None:
     ``t - c <= 0`` (no overflow) and ``c`` is the same constant in both passes. When the two
     maxima are so far apart that ``sum(exp(t - c))`` could underflow at one of them, the shift is
     each pass's own maximum, computed by the max tree (so it gets attributions too): then the
-    tree's :class:`_Orders` (None for a 0-d input)."""
+    tree's :class:`_Orders`, or None for its plain pairs (tame values, or a 0-d input)."""
     t, dim = p[0], p[1]
     with torch.no_grad():
         c = t.detach().amax(dim, keepdim=True)

@@ -136,6 +136,7 @@ def _callables(net):
     import functools
 
     head, child = nn.Linear(3, 2), net[2]
+    members = [net, head]
     return {
         "lambda over a closure": (lambda x: net(x)[:, :2], [net]),
         "lambda over a global": (lambda x: NET(x), [NET]),
@@ -144,6 +145,7 @@ def _callables(net):
         "bound method": (net.forward, [net]),
         "object with __call__": (_Wrapper(net), [net]),
         "two modules": (lambda x: head(net(x)), [head, net]),
+        "an ensemble in a list": (lambda x: sum(m(x) for m in members), [net, head]),
         "a module and its child": (lambda x: child(net(x)), [net]),  # the child is covered
     }
 
