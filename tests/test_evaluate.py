@@ -417,6 +417,10 @@ def test_saturation_baseline_target_and_layer_specs() -> None:
     r2 = saturation(model, x, steps=2, layers=[model.relu])
     assert r2.layers == ["relu"]
     assert not model.lin._forward_hooks and not model.relu._forward_hooks
+    # a callable that uses the model: names are looked up in the module it uses
+    r3 = saturation(lambda z: model(z) * 1.0, x, steps=2, layers=["relu"])
+    assert r3.layers == ["relu"]
+    torch.testing.assert_close(r3.l2["relu"], r2.l2["relu"])
 
 
 def test_saturation_scalar_model_has_no_probs() -> None:

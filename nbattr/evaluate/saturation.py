@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..engine.baselines import BaselineSpec
 from ..engine.batching import BatchSize, run_chunked
 from ..engine.errors import InputError, TargetError
-from ..engine.guard import model_guard, thread_hook
+from ..engine.guard import model_guard, modules_of, thread_hook
 from ..engine.problem import Problem, TargetSpec
 
 LayerSpec = Mapping[str, nn.Module] | Sequence[str | nn.Module] | str | nn.Module | None
@@ -82,14 +82,16 @@ def resolve_layers(model: Any, layers: LayerSpec) -> dict[str, nn.Module]:
                 raise InputError(f"layers[{k!r}] must be an nn.Module, got {type(v).__name__}")
         return out
     items = [layers] if isinstance(layers, (str, nn.Module)) else list(layers)
-    named = dict(model.named_modules()) if isinstance(model, nn.Module) else {}
+    tops = modules_of(model)  # a callable (lambda x: net(x)[0]): the one module it uses
+    named = dict(tops[0].named_modules()) if len(tops) == 1 else {}
     by_id = {id(m): name for name, m in named.items()}
     out: dict[str, nn.Module] = {}
     for item in items:
         if isinstance(item, str):
             if item not in named:
                 if not named:
-                    raise InputError(f"layer names need an nn.Module model; got {type(model).__name__}")
+                    raise InputError(f"layer names need an nn.Module model (or a callable using one); got "
+                                     f"{type(model).__name__} using {len(tops)} modules: pass the modules")
                 hint = ", ".join(list(n for n in named if n)[:8])
                 raise InputError(f"the model has no module named {item!r}; some of its modules: {hint}, ...")
             out[item] = named[item]
