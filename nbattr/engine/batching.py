@@ -47,13 +47,16 @@ class StorageBytes:
         self._seen: set[int] = set(exclude)
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
-        try:
-            key = t.untyped_storage().data_ptr()
-            if key not in self._seen:
-                self._seen.add(key)
-                self.bytes += t.untyped_storage().nbytes()
-        except (RuntimeError, NotImplementedError):
-            self.bytes += t.numel() * t.element_size()
+        # (autograd may call this inside a mode of the rules: counting is not the model's work)
+        with torch._C.DisableTorchFunction():
+            try:
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key not in self._seen:
+                    self._seen.add(key)
+                    self.bytes += storage.nbytes()
+            except (RuntimeError, NotImplementedError):
+                self.bytes += t.numel() * t.element_size()
         return t
 
     @staticmethod

@@ -150,6 +150,21 @@ def _warn_nonfinite(method: str, attributions: Tensor) -> None:
                       "produced them, e.g. sqrt or log at 0 on the path", stacklevel=user_stacklevel())
 
 
+@contextlib.contextmanager
+def _named_autograd_errors() -> Any:
+    """Autograd's errors that come from how the model is built, as named InputErrors."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "use_reentrant=True" in str(e):
+            raise InputError(
+                "the model uses torch.utils.checkpoint with use_reentrant=True, which gives no "
+                "gradient with respect to an input through torch.autograd.grad; turn activation "
+                "checkpointing off for attribution (e.g. model.gradient_checkpointing_disable()) or "
+                "use use_reentrant=False") from e
+        raise
+
+
 def score_gradient(scores: Tensor, z: Tensor) -> Tensor:
     """Gradient of the scores with respect to ``z``; a named error when there is no path.
 
@@ -164,6 +179,11 @@ def score_gradient(scores: Tensor, z: Tensor) -> Tensor:
         raise NoGradientPathError(
             "the model's output does not depend on the attributed tensor (no gradient path): check "
             "that the forward uses x (or the given layer's output) through differentiable operations")
+    with _named_autograd_errors():
+        return _score_gradient(scores, z)
+
+
+def _score_gradient(scores: Tensor, z: Tensor) -> Tensor:
     if scores.dim() == 1:
         (g,) = torch.autograd.grad(scores.sum(), z, allow_unused=True)
         if g is None:

@@ -1282,6 +1282,16 @@ def _taped_kind(op: _Op, func: Any, args: tuple, kwargs: dict, leaves: list[Any]
     return None
 
 
+def _in_checkpoint() -> bool:
+    """Whether a non-reentrant ``torch.utils.checkpoint`` block is running (its saved-tensor hooks
+    are on top): backward recomputes that block with plain operations, without the rules."""
+    try:
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    except (AttributeError, RuntimeError, TypeError):  # a private API: best effort
+        return False
+    return bool(hooks) and "_checkpoint_hook" in getattr(hooks[0], "__qualname__", "")
+
+
 def _varies(v: Any) -> bool:
     """Whether ``v`` depends on the input in a pass with the rules: computed from it with grad (the
     model gets a copy of the leaf, so a leaf that requires grad is a parameter or the user's own
@@ -1519,9 +1529,11 @@ class _Replay(TorchFunctionMode):
         kind = _taped_kind(op, func, args, kwargs, leaves) if op.name in TAPED_OPS else None
         entry = self._next_entry(op, leaves) if kind is not None and self.tape is not None else None
         if not torch.is_grad_enabled():
-            if any(_varies(v) for v in leaves):  # a value of the input made into a constant
+            out = func(*args, **kwargs)
+            if any(_varies(v) for v in leaves) and any(  # a value of the input made into a constant
+                    isinstance(o, Tensor) and o.is_floating_point() for o in _leaves(out)):
                 self._report(f"{op.name} (under no_grad)")
-            return func(*args, **kwargs)
+            return out
         varying = [i for i, v in enumerate(leaves) if isinstance(v, Tensor) and v.requires_grad]
         if not varying:
             return func(*args, **kwargs)
@@ -1665,6 +1677,8 @@ class _Replay(TorchFunctionMode):
     def _apply_rule(self, func: Any, op: _Op, args: tuple, kwargs: dict, leaves: list[Any], spec: Any,
                     i: int, entry: _TapeEntry | None) -> Any:
         t: Tensor = leaves[i]
+        if _in_checkpoint():
+            self._report("checkpoint (its block is recomputed in backward without the rules)")
         inplace = _writes_input(func, op, args, kwargs)
         if inplace and not _is_first_argument(t, args, kwargs):
             # ``c /= t``: the call writes into a constant; no rule (plain gradient, reported).

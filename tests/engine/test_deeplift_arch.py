@@ -1117,3 +1117,36 @@ def test_rrelu_in_training_is_reported():
         warnings.simplefilter("ignore")
         r = nbattr.attribute(model, torch.randn(4, 4), method="deeplift", baseline="zeros")
     assert r.unsupported == {"rrelu": 1}
+
+
+class _Checkpointed(nn.Module):
+    """A block run through ``torch.utils.checkpoint`` in the forward (as timm does when its
+    ``grad_checkpointing`` flag is on, in eval mode too)."""
+
+    def __init__(self, reentrant):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.reentrant = reentrant
+        self.eval()
+
+    def block(self, h):
+        return torch.relu(self.b(torch.relu(h)))
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        return self.c(checkpoint(self.block, self.a(x), use_reentrant=self.reentrant))
+
+
+def test_activation_checkpointing_is_named():
+    """Non-reentrant: backward recomputes the block with plain operations, so its rules are lost:
+    reported (and not the probe's own storage reads, which autograd runs inside the mode).
+    Reentrant: gives no input gradient through torch.autograd.grad at all: a named error."""
+    torch.manual_seed(8)
+    x, x0 = torch.randn(3, 4), torch.randn(3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = nbattr.attribute(_Checkpointed(False), x, method="deeplift", baseline=x0)
+    assert r.unsupported == {"checkpoint (its block is recomputed in backward without the rules)": 2}
+    with pytest.raises(nbattr.InputError, match="checkpoint with use_reentrant=True"):
+        nbattr.attribute(_Checkpointed(True), x, method="integrated_gradients", baseline=x0, steps=4)
