@@ -289,6 +289,14 @@ INDEX_OPS: frozenset[str] = frozenset({
     "masked_scatter", "take",
 })
 
+#: Outputs that are *scales* (:meth:`_Replay.mark_scale`): ``rsqrt(var + eps)`` in a norm written
+#: out by hand (Hugging Face's Llama RMSNorm, T5's LayerNorm), whose product with the signal then
+#: takes the ordered split, as in the built-in norms (with a zero baseline the normaliser is
+#: ``1/sqrt(eps)`` there and the Shapley halves cancel: Llama's |delta| was 4567 |F(x) - F(x')|).
+#: Also ``pow(t, c)`` with ``c < 0``. (A division ``x / sqrt(var + eps)`` keeps the Shapley split
+#: of a product with a reciprocal.)
+SCALE_OPS: frozenset[str] = frozenset({"rsqrt"})
+
 #: Outputs that are *gates* for ε-LRP's product rule (see :func:`_Replay._product`).
 GATE_OPS: frozenset[str] = frozenset({"sigmoid", "hardsigmoid", "softmax", "softmin"})
 
@@ -1716,7 +1724,8 @@ class _Replay(TorchFunctionMode):
                 if known is not None:  # clamp-like: where t = t' is common: dense
                     m = torch.where(bad, known(t0).to(m.dtype), m, out=m)
                 else:
-                    m = _derivative_at(bad, m, t0, call_with, inplace)
+                    m = _derivative_at(bad, m, t0, call_with, inplace,
+                                       None if t_ref is None else (t_ref, y, y_ref))
             else:  # a broadcast argument: the plain call's own graph where flagged (below)
                 m.masked_fill_(bad, 0.0)
                 plain = bool(bad.any())
@@ -1729,15 +1738,24 @@ class _Replay(TorchFunctionMode):
             out = t
         if op.name in GATE_OPS:
             self.mark_gate(out)
+        elif op.name in SCALE_OPS or (op.name == "pow" and i == 0 and len(args) > 1 and _number(args[1])
+                                        and args[1] < 0):
+            self.mark_scale(out)  # a hand-written norm's 1 / sqrt(var + eps), as in our own
         return out
 
 
 def _derivative_at(bad: Tensor, m: Tensor, t0: Tensor, call_with: Callable[[Tensor], Any],
-                   inplace: bool) -> Tensor:
+                   inplace: bool, secant: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
     """``m`` with the elementwise derivative of ``call_with`` at ``t0`` where ``bad``. On
     :data:`SYNC_FREE_DEVICES` from a small graph of the flagged elements only (one index
     computation; usually few are flagged); elsewhere over the whole tensor, which costs a few
-    cheap kernels and no host sync."""
+    cheap kernels and no host sync.
+
+    With ``secant = (t_ref, y, y_ref)`` (DeepLIFT; ``m`` holds the secants), a flagged element
+    keeps its finite secant where the derivative misses ``Δy`` by more than the secant's own
+    rounding: there the function bends within ``Δt`` (``rsqrt`` of a small variance) and the
+    derivative would cost completeness, while a secant that is only rounding noise (``Δt`` tiny)
+    still gives way to the smooth derivative."""
     sparse = m.device.type in SYNC_FREE_DEVICES and m.dim() > 0
     with torch.enable_grad():
         if sparse:
@@ -1752,6 +1770,13 @@ def _derivative_at(bad: Tensor, m: Tensor, t0: Tensor, call_with: Callable[[Tens
     if d is None:
         d = torch.zeros_like(tb)
     d = d.to(m.dtype)
+    if secant is not None:
+        t_ref, y, y_ref = secant
+        pick = (lambda v: v[idx]) if sparse else (lambda v: v)
+        s, dt, dy = pick(m), pick(t0) - pick(t_ref), pick(y) - pick(y_ref)
+        eps = torch.finfo(m.dtype).eps
+        rounding = (pick(y).abs() + pick(y_ref).abs()).mul_(4 * eps).add_(dy.abs(), alpha=math.sqrt(eps))
+        d = torch.where(((d * dt - dy).abs() <= rounding) | ~torch.isfinite(s), d, s)
     if sparse:
         return m.index_put_(idx, d)
     return torch.where(bad, d, m)
