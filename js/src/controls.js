@@ -61,6 +61,55 @@ export function bindNumber(model, trait, { min, max, step, type = "number", cast
   return { el: input, listeners: [[`change:${trait}`, sync]] };
 }
 
+// The `steps` trait: "auto" (the engine picks the count) or an int. A number input and an "auto"
+// checkbox; while auto is on the number is disabled and keeps the count that unticking restores.
+export function bindSteps(model, { min = 2, max = 512, fallback = 32 } = {}) {
+  const box = document.createElement("span");
+  box.className = "nbattr-steps-box";
+  const input = document.createElement("input");
+  input.type = "number";
+  input.className = "nbattr-steps";
+  input.setAttribute("aria-label", "steps");
+  input.min = String(min);
+  input.max = String(max);
+  input.step = "1";
+  const auto = document.createElement("input");
+  auto.type = "checkbox";
+  auto.className = "nbattr-steps-auto";
+  auto.setAttribute("aria-label", "auto steps");
+  auto.title = "let integrated gradients choose its steps (|delta| within 1%)";
+  const autoLabel = document.createElement("label");
+  autoLabel.className = "nbattr-steps-auto-label";
+  const autoText = document.createElement("span");
+  autoText.textContent = "auto";
+  autoLabel.append(auto, autoText);
+  box.append(input, autoLabel);
+  let fixed = fallback;
+  const sync = () => {
+    const v = model.get("steps");
+    const isAuto = v === "auto";
+    if (!isAuto && Number.isFinite(Number(v))) fixed = Number(v);
+    auto.checked = isAuto;
+    input.disabled = isAuto;
+    input.value = String(fixed);
+  };
+  sync();
+  const set = (v) => { model.set("steps", v); model.save_changes(); };
+  input.addEventListener("change", () => {
+    const v = Math.round(Number(input.value));
+    if (Number.isFinite(v) && v >= min && v <= max) set(v);
+    else sync(); // keep the last valid value
+  });
+  auto.addEventListener("change", () => set(auto.checked ? "auto" : fixed));
+  // laid out like labelled() but as a <div>: a <label> may not hold the checkbox's own label
+  const control = document.createElement("div");
+  control.className = "nbattr-control";
+  const name = document.createElement("span");
+  name.textContent = "steps";
+  control.append(name, box);
+  return { el: box, control, listeners: [["change:steps", sync]] };
+}
+
 // Top-k predictions as buttons; clicking one sets `target`.
 export function renderTopk(box, model) {
   box.replaceChildren();

@@ -5,7 +5,7 @@ import { select, limitOf, SEQUENTIAL, SIGN_MODES, fmt } from "./colormap.js";
 import { drawMap, drawLegend } from "./heatmap.js";
 import { renderTokens, renderBars } from "./tokens.js";
 import { createPlayer } from "./player.js";
-import { bindSelect, bindNumber, labelled, renderTopk } from "./controls.js";
+import { bindSelect, bindNumber, bindSteps, labelled, renderTopk } from "./controls.js";
 
 function div(cls, text) {
   const d = document.createElement("div");
@@ -29,7 +29,7 @@ function render({ model, el }) {
   // controls
   const method = bindSelect(model, "method", "methods", { titles: () => model.get("descriptions") });
   const baseline = bindSelect(model, "baseline", "baselines");
-  const steps = bindNumber(model, "steps", { min: 2, max: 512, step: 1 });
+  const steps = bindSteps(model, { min: 2, max: 512 });
   const cmap = bindSelect(model, "colormap", SEQUENTIAL);
   const sign = bindSelect(model, "sign", SIGN_MODES);
   const opacity = bindNumber(model, "opacity", { type: "range", min: 0, max: 1, step: 0.05, live: true });
@@ -50,8 +50,7 @@ function render({ model, el }) {
   // colormap, sign, opacity, clipping and the compare grid apply to the image view only
   const imageOnly = [labelled("colormap", cmap.el), labelled("sign", sign.el), labelled("opacity", opacity.el),
     labelled("clip %", clip.el), labelled("compare", compare)];
-  controls.append(labelled("method", method.el), labelled("baseline", baseline.el), labelled("steps", steps.el),
-    ...imageOnly);
+  controls.append(labelled("method", method.el), labelled("baseline", baseline.el), steps.control, ...imageOnly);
   const showImageControls = () => {
     for (const c of imageOnly) c.style.display = model.get("kind") === "image" ? "" : "none";
   };
@@ -183,15 +182,19 @@ function render({ model, el }) {
     line("F(x)", fmt(r.fx));
     if (r.fbase != null) line("F(x') baseline", fmt(r.fbase));
     line("Σ attributions", fmt(r.total));
+    if (r.steps != null) line("steps", r.auto ? `${r.steps} (auto)` : `${r.steps}`);
     if (r.delta != null) {
       line("delta", fmt(r.delta));
       const gap = Math.abs(r.gap ?? 0);
       if (Math.abs(r.delta) > 0.05 * Math.max(gap, 1e-6)) {
         receipt.lastChild.classList.add("bad");
-        receipt.lastChild.title = "sum of attributions is more than 5% off F(x) - F(x'): raise steps";
+        receipt.lastChild.title = r.auto
+          ? "sum of attributions is more than 5% off F(x) - F(x') at the most steps auto takes: untick auto and raise steps"
+          : "sum of attributions is more than 5% off F(x) - F(x'): raise steps (or tick auto)";
       }
     }
     line("time", r.cached ? "cached" : `${(r.seconds ?? 0).toFixed(3)} s`);
+    for (const n of r.notes || []) receipt.appendChild(div("nbattr-note", `⚠ ${n}`)); // text, never HTML
     const bad = Object.entries(r.unsupported || {});
     if (bad.length) {
       const badge = div("nbattr-badge", `⚠ ${bad.length} operation(s) without a rule`);

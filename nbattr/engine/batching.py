@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 
-from .errors import Cancelled
+from .errors import Cancelled, user_stacklevel
 
 BatchSize = int | str
 
@@ -76,6 +77,7 @@ def memory_budget(device: torch.device) -> int:
 class _Watch:
     progress: Callable[[int, int], None] | None
     cancel: Callable[[], bool] | None
+    warn: Callable[[str], None] | None = None
 
 
 _WATCH: contextvars.ContextVar[_Watch | None] = contextvars.ContextVar("nbattr_watch", default=None)
@@ -83,7 +85,8 @@ _WATCH: contextvars.ContextVar[_Watch | None] = contextvars.ContextVar("nbattr_w
 
 @contextlib.contextmanager
 def watch(progress: Callable[[int, int], None] | None = None,
-          cancel: Callable[[], bool] | None = None) -> Iterator[None]:
+          cancel: Callable[[], bool] | None = None,
+          warn: Callable[[str], None] | None = None) -> Iterator[None]:
     """Follow and stop the engine's work inside the block (this thread or context only).
 
     Parameters
@@ -93,8 +96,13 @@ def watch(progress: Callable[[int, int], None] | None = None,
         (``steps="auto"`` one per refinement round), each counting from 0 to its own total.
     cancel : asked before each chunk; when it returns True the call raises
         :class:`~nbattr.engine.errors.Cancelled` (the model is restored as after any error).
+    warn : called as ``warn(message)`` with each of the engine's warnings (training mode, a
+        missing rule, non-finite attributions, ``steps="auto"`` at ``max_steps``) instead of
+        ``warnings.warn``: a front end shows them in its own UI (the widget's receipt), and a
+        worker thread's warnings do not land in whatever notebook cell ran last.
 
-    Blocks nest; the innermost one is in effect. Under ``torchrun`` (:func:`nbattr.attribute_dataset`)
+    Blocks nest: a block's own arguments are in effect, the ones it leaves out (None) are the
+    enclosing block's. Under ``torchrun`` (:func:`nbattr.attribute_dataset`)
     cancel every rank alike: a rank that stops alone leaves the others waiting for it.
 
     Examples
@@ -102,11 +110,26 @@ def watch(progress: Callable[[int, int], None] | None = None,
     >>> with nbattr.watch(progress=lambda d, t: print(f"{d}/{t}")):
     ...     r = nbattr.attribute(model, x, method="integrated_gradients")
     """
-    token = _WATCH.set(_Watch(progress, cancel))
+    outer = _WATCH.get()
+    if outer is not None:
+        progress = outer.progress if progress is None else progress
+        cancel = outer.cancel if cancel is None else cancel
+        warn = outer.warn if warn is None else warn
+    token = _WATCH.set(_Watch(progress, cancel, warn))
     try:
         yield
     finally:
         _WATCH.reset(token)
+
+
+def warn(message: str) -> None:
+    """An engine warning: to the ``warn`` of the :func:`watch` in effect, else ``warnings.warn``
+    (a UserWarning) pointing at the user's line."""
+    w = _WATCH.get()
+    if w is not None and w.warn is not None:
+        w.warn(message)
+        return
+    warnings.warn(message, UserWarning, stacklevel=user_stacklevel())
 
 
 def _check_cancel(w: _Watch | None) -> None:

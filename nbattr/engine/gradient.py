@@ -11,13 +11,13 @@ results carry a K axis after N.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .batching import warn
 from .errors import InputError
 from .paths import clenshaw_curtis, quadrature
 from .problem import Problem, score_gradient
@@ -482,11 +482,10 @@ def integrated_gradients(p: Problem, *, steps: int | str = 50, rule: str = "gaus
         reached = r.delta.abs().reshape(p.n, -1).amax(1).tolist()
         r.params["delta_reached"] = reached
         if ad.hit_max:
-            warnings.warn(
+            warn(
                 f"integrated_gradients(steps='auto'): example(s) {sorted(ad.hit_max)} reached max_steps="
                 f"{max_steps_} with |delta| above tol={tol_:g} x |F(x) - F(x')| (|delta| = "
-                f"{', '.join(f'{reached[i]:.3g}' for i in sorted(ad.hit_max))}); raise max_steps or tol",
-                stacklevel=4)
+                f"{', '.join(f'{reached[i]:.3g}' for i in sorted(ad.hit_max))}); raise max_steps or tol")
         return r
     alphas, weights = _nodes(p, rule, steps)
     pp = PathPass(p, alphas, weights, keep=keep_path, path=path)

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from . import baselines as _baselines
-from .batching import PROBE_ROWS, BatchSize, StorageBytes, is_oom, run_chunked
-from .errors import InputError, NoGradientPathError, TargetError, user_stacklevel
+from .batching import PROBE_ROWS, BatchSize, StorageBytes, is_oom, run_chunked, warn
+from .errors import InputError, NoGradientPathError, TargetError
 from .guard import model_storages, modules_of, thread_hook
 from .result import Attribution
 
@@ -145,9 +145,9 @@ def _warn_nonfinite(method: str, attributions: Tensor) -> None:
         return
     bad = int((~torch.isfinite(attributions)).sum())
     if bad:
-        warnings.warn(f"{method}: {bad} of {attributions.numel()} attributions are not finite (NaN or "
-                      "inf), so the map and delta cannot be trusted: the model's gradient (or a rule) "
-                      "produced them, e.g. sqrt or log at 0 on the path", stacklevel=user_stacklevel())
+        warn(f"{method}: {bad} of {attributions.numel()} attributions are not finite (NaN or "
+             "inf), so the map and delta cannot be trusted: the model's gradient (or a rule) "
+             "produced them, e.g. sqrt or log at 0 on the path")
 
 
 @contextlib.contextmanager
@@ -288,9 +288,8 @@ class Problem:
         # (and whether the model takes its points channels-last: decided by the first forward)
         self._shared: dict[str, Any] = {"baselines": None, "baseline_full": None, "channels_last": False}
         if _mode_dependent(model):
-            warnings.warn(
-                "the model is in training mode: dropout and batch-norm make attributions random "
-                "and batch-dependent; call model.eval() first", stacklevel=4)
+            warn("the model is in training mode: dropout and batch-norm make attributions random "
+                 "and batch-dependent; call model.eval() first")
 
         x = x.detach().to(self.device)
         # A 1-D x is one example (a row of features). Otherwise x is a batch, unless the model

@@ -156,7 +156,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -167,7 +166,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .batching import StorageBytes, run_chunked
+from .batching import StorageBytes, run_chunked, warn
 from .errors import InputError, UnsupportedOperationError
 from .guard import model_storages, modules_of
 from .problem import Problem, score_gradient
@@ -1889,8 +1888,7 @@ def record_first_forward(model: Any, options: dict[str, Any]) -> Callable[[], _R
 
 def _warn_unsupported(method: str, unsupported: dict[str, int], consequence: str) -> None:
     if unsupported:
-        warnings.warn(f"{method}: no rule for {_ops_text(unsupported)}; plain gradient used, "
-                      f"{consequence}", stacklevel=4)
+        warn(f"{method}: no rule for {_ops_text(unsupported)}; plain gradient used, {consequence}")
 
 
 @register(

@@ -35,6 +35,12 @@ export default { render({ el }) {
 """
 
 IMAGE_BASELINES = ["zeros", "blur", "uniform", "mean"]
+#: ``steps="auto"`` in the widget: |delta| goal relative to |F(x) - F(x')| (the receipt turns red at 5%)
+AUTO_TOL = 1e-2
+#: ``steps="auto"`` in the widget: the most gradients (and α frames) one view may take
+AUTO_MAX_STEPS = 129
+#: ``steps="auto"`` for path methods that have no adaptive rule
+FIXED_STEPS = 32
 OTHER_BASELINES = ["zeros", "uniform", "mean"]
 
 
@@ -63,7 +69,12 @@ class Explain(anywidget.AnyWidget):
     labels : class names (a sequence or ``{index: name}``).
     methods : restrict the method list (names from :func:`nbattr.methods`).
     method, baseline, target, steps : the starting choice; all four are synced traits.
-    baseline may also be a tensor or callable (listed as ``"custom"``).
+    baseline may also be a tensor or callable (listed as ``"custom"``). ``steps="auto"`` (the
+    default) lets integrated gradients choose its step count per view (the engine's
+    ``steps="auto"`` with ``tol=AUTO_TOL`` = 1% of |F(x) - F(x')| and at most
+    ``AUTO_MAX_STEPS`` gradients; the α frames are then its Clenshaw-Curtis nodes, crowded at
+    both ends); an int fixes it (evenly spaced trapezoid frames including α = 0 and 1). Path
+    methods without an adaptive rule (interior gradients) take ``FIXED_STEPS`` under "auto".
     image : what to draw under the map (defaults to ``x`` min-max scaled).
     prefetch : after the chosen (method, baseline, target, steps) is computed and shown, compute the
         other top-k classes in the background in ONE multi-target engine call, so that clicking
@@ -87,7 +98,7 @@ class Explain(anywidget.AnyWidget):
     method = t.Unicode("integrated_gradients").tag(sync=True)
     baseline = t.Unicode("zeros").tag(sync=True)
     target = t.Int(0).tag(sync=True)
-    steps = t.Int(32).tag(sync=True)
+    steps = t.Union([t.Enum(["auto"]), t.Int(min=2)], default_value="auto").tag(sync=True)
     colormap = t.Unicode("inferno").tag(sync=True)
     sign = t.Unicode("absolute").tag(sync=True)
     opacity = t.Float(0.65).tag(sync=True)
@@ -127,7 +138,7 @@ class Explain(anywidget.AnyWidget):
         method: str | None = None,
         baseline: Any = "zeros",
         target: int | None = None,
-        steps: int = 32,
+        steps: int | str = "auto",
         image: Any = None,
         topk: int = 5,
         prefetch: bool = True,
@@ -190,7 +201,7 @@ class Explain(anywidget.AnyWidget):
                 self.sign = "signed"
             self.method = method or ("integrated_gradients" if "integrated_gradients" in names else names[0])
             self.baseline = baseline
-            self.steps = int(steps)
+            self.steps = steps if steps == "auto" else int(steps)
             self.target = int(target)
         self._request()
 
@@ -227,7 +238,7 @@ class Explain(anywidget.AnyWidget):
             self._request()
 
     def key(self) -> tuple[Any, ...]:
-        return (self.method, self.baseline, int(self.target), int(self.steps), tuple(self.compare))
+        return (self.method, self.baseline, int(self.target), self.steps, tuple(self.compare))
 
     def _request(self) -> None:
         self._controller.request(self.key())
@@ -242,23 +253,33 @@ class Explain(anywidget.AnyWidget):
         except ValueError:
             return name
 
-    def _engine_call(self, method: str, baseline: str, target: Any, steps: int) -> Any:
+    def _engine_call(self, method: str, baseline: str, target: Any, steps: int | str) -> tuple[Any, list[str]]:
+        """The engine's result and its warnings (shown in the receipt; from the worker thread they
+        would land in whatever notebook cell ran last)."""
         known = all_methods()
         if method not in known:
             raise ValueError(f"unknown method {method!r}; known: {', '.join(sorted(known))}")
         info = known[method]
         opts: dict[str, Any] = {}
-        if "rule" in info.options and info.path:
-            opts["rule"] = "riemann_trapezoid"  # evenly spaced α frames including 0 and 1
-            steps = max(int(steps), 2)
+        if info.path and steps == "auto" and "tol" in info.options:
+            # Clenshaw-Curtis nodes, refined until |delta| <= 1%; the receipt shows the steps used,
+            # and its delta turns red when AUTO_MAX_STEPS did not get within 5%
+            opts.update(tol=AUTO_TOL, max_steps=AUTO_MAX_STEPS)
+        elif info.path:
+            steps = FIXED_STEPS if steps == "auto" else max(int(steps), 2)
+            if "rule" in info.options:
+                opts["rule"] = "riemann_trapezoid"  # evenly spaced α frames including 0 and 1
         if "keep_path" in info.options:
             opts["keep_path"] = True
-        return attribute(self._model, self._x, method=method, target=target,
-                         baseline=self._baseline_spec(baseline), steps=int(steps), layer=self._layer, **opts)
+        notes: list[str] = []
+        with watch(warn=notes.append):
+            attr = attribute(self._model, self._x, method=method, target=target,
+                             baseline=self._baseline_spec(baseline), steps=steps, layer=self._layer, **opts)
+        return attr, notes
 
-    def _attribute_one(self, method: str, baseline: str, target: int, steps: int) -> dict[str, Any]:
-        attr = self._engine_call(method, baseline, target, steps)
-        return payload.build(attr, self.kind, self.label(target))
+    def _attribute_one(self, method: str, baseline: str, target: int, steps: int | str) -> dict[str, Any]:
+        attr, notes = self._engine_call(method, baseline, target, steps)
+        return payload.build(attr, self.kind, self.label(target), notes=notes)
 
     def prefetchable(self, method: str) -> bool:
         """Whether ``method`` has the engine's native multi-target path (one forward, K backward)."""
@@ -283,12 +304,12 @@ class Explain(anywidget.AnyWidget):
 
         targets = torch.tensor([todo] * self._x.shape[0], dtype=torch.long)
         with watch(cancel=give_way):  # stops at the next chunk; Cancelled is no error here
-            attr = self._engine_call(method, baseline, targets, steps)
+            attr, notes = self._engine_call(method, baseline, targets, steps)
         out = {}
         for j, ti in enumerate(todo):
             if give_way():  # keep what is built, leave the rest
                 break
-            out[(method, baseline, ti, steps, ())] = payload.build(attr.for_target(j), self.kind, self.label(ti))
+            out[(method, baseline, ti, steps, ())] = payload.build(attr.for_target(j), self.kind, self.label(ti), notes=notes)
         return out
 
     def _compute(self, key: tuple[Any, ...]) -> dict[str, Any]:

@@ -11,7 +11,9 @@ Reductions (done in Python, sent as float32):
 α frames (path methods run with ``keep_path=True``): frame k is the channel sum of
 |g_k * (x - x')|, the interior gradient at α_k scaled by the input difference (paper Fig. 3);
 ``curve`` holds α_k, F(x' + α_k (x - x')) and F(x') + the cumulative trapezoid integral of
-sum(g * (x - x')) up to α_k (which ends at F(x') + sum of attributions). Frames are kept as
+sum(g * (x - x')) up to α_k (which ends at F(x') + sum of attributions with evenly spaced
+trapezoid nodes; under ``steps="auto"`` the nodes are Clenshaw-Curtis's, whose weights are not
+a running sum, so the curve's trapezoid end is within the two rules' difference of it). Frames are kept as
 float32 (the wire sends them as uint8); maps and curve as float64.
 
 :func:`build` takes a single-target result; for a multi-target one (the widget's prefetch of the
@@ -42,7 +44,18 @@ def reduce(a: np.ndarray, kind: str) -> np.ndarray:
     return np.stack([np.abs(flat).sum(1), flat.sum(1)])
 
 
-def build(attr: Any, kind: str, label: str | None = None) -> dict[str, Any]:
+def _steps_used(attr: Any) -> int | None:
+    """The gradients a path method used for the (one) example: ``params["steps"]`` is an int for a
+    fixed count and a per-example list under ``steps="auto"``; None for other methods."""
+    s = attr.params.get("steps") if attr.alphas is not None else None
+    if isinstance(s, (list, tuple)):
+        s = s[0] if s else None
+    return None if s is None else int(s)
+
+
+def build(attr: Any, kind: str, label: str | None = None, notes: list[str] | None = None) -> dict[str, Any]:
+    """The payload of one single-target result; ``notes``: the engine's warnings for it (the
+    receipt lists them, each once)."""
     a = _np(attr.attributions)
     out: dict[str, Any] = {"maps": reduce(a, kind)}
     fx = float(attr.outputs[0])
@@ -58,6 +71,9 @@ def build(attr: Any, kind: str, label: str | None = None) -> dict[str, Any]:
         "delta": None if attr.delta is None else float(attr.delta[0]),
         "gap": None if fb is None else fx - fb,
         "unsupported": {str(k): int(v) for k, v in (attr.unsupported or {}).items()},
+        "steps": _steps_used(attr),
+        "auto": "tol" in attr.params,  # the engine chose the steps (steps="auto")
+        "notes": list(dict.fromkeys(str(n) for n in notes or ())),
         "params": {k: v for k, v in attr.params.items() if isinstance(v, (int, float, str, bool, type(None)))},
     }
     if attr.path_gradients is not None and attr.path_outputs is not None and attr.baselines is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -115,7 +116,7 @@ import sys; sys.path.insert(0, {str(ROOT)!r})
 import torch
 from nbattr import Explain
 from nbattr.demo import imagenet_labels, imagenet_model, photo
-w = Explain(imagenet_model(), photo("chelsea"), labels=imagenet_labels(), steps=16,
+w = Explain(imagenet_model(), photo("chelsea"), labels=imagenet_labels(),
             methods=["integrated_gradients", "saliency", "gradient_x_input"])
 w
 """
@@ -146,6 +147,7 @@ def lab(tmp_path_factory):
         nbformat.v4.new_code_cell(TEXT),
         nbformat.v4.new_code_cell(SLOW),
         nbformat.v4.new_code_cell("s.steps = 60  # computed while the page watches"),
+        nbformat.v4.new_code_cell("print('python sees steps', w.steps, w.receipt['steps'], w.receipt['auto'])"),
     ]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, str(work / "explain.ipynb"))
@@ -279,6 +281,30 @@ def test_explain_widget_in_jupyterlab(lab):
             root.locator("button.nbattr-play").click()
             assert root.locator(".nbattr-player").get_attribute("data-playing") == "0"
 
+            # 3b. the "auto" box next to steps: the engine picks the count, the page and Python agree
+            steps_in = root.locator("input.nbattr-steps")
+            auto = root.locator("input.nbattr-steps-auto")
+            assert steps_in.input_value() == "16" and not auto.is_checked() and steps_in.is_enabled()
+            receipt = root.locator(".nbattr-receipt")
+            assert "16" in receipt.inner_text() and "(auto)" not in receipt.inner_text()
+            auto.check()
+            page.wait_for_function("(el) => el.innerText.includes('(auto)')", arg=receipt.element_handle(),
+                                   timeout=30_000)
+            wait_idle(root)
+            assert steps_in.is_disabled() and steps_in.input_value() == "16"
+            used = int(re.search(r"(\d+) \(auto\)", receipt.inner_text()).group(1))
+            assert used in (5, 9, 17, 33, 65, 129)
+            assert slider.get_attribute("max") == str(used - 1)  # one α frame per node
+            run_cell(6)
+            out = page.locator(".jp-Cell").nth(6).locator(".jp-OutputArea-output")
+            out.wait_for(timeout=30_000)
+            assert out.inner_text().strip() == f"python sees steps auto {used} True"
+            auto.uncheck()  # back to the fixed count it kept: a cache hit, the same picture
+            page.wait_for_function("(el) => !el.innerText.includes('(auto)')", arg=receipt.element_handle(),
+                                   timeout=30_000)
+            wait_idle(root)
+            assert steps_in.is_enabled() and canvas.evaluate(SIG) == sig0
+
             # 4. click another predicted class: target changes in the page and in Python
             classes = root.locator("button.nbattr-class")
             assert classes.count() == 5
@@ -384,6 +410,10 @@ def test_efficientnet_switch_timings(lab):
             page.wait_for_function(idle, arg=root.element_handle(), timeout=120_000)
             assert root.locator("canvas.nbattr-canvas").evaluate("(c) => c.width") == 224
             assert "Egyptian" in root.locator("button.nbattr-class").first.inner_text()
+            # the first view (IG, steps="auto"): within 1%, so the receipt's delta is not red
+            # (32 fixed trapezoid steps were 15% off on this photo)
+            receipt = root.locator(".nbattr-receipt")
+            assert "(auto)" in receipt.inner_text() and receipt.locator(".bad").count() == 0
             uncached = page.evaluate(SWITCH, ["saliency"])
             page.wait_for_function(idle, arg=root.element_handle(), timeout=60_000)
             uncached2 = page.evaluate(SWITCH, ["gradient_x_input"])

@@ -122,3 +122,31 @@ def test_several_targets_without_a_native_path_are_cancelled_between_targets():
         with pytest.raises(nbattr.Cancelled):
             nbattr.attribute(cnn(), _x(2), method="occlusion", window=4, target="top3", batch_size=100)
     assert len(seen) == 1  # one chunk of the first target, then stopped
+
+
+def test_an_inner_block_keeps_what_it_leaves_out():
+    seen, stop = [], []
+    with nbattr.watch(progress=lambda d, t: seen.append(d), cancel=lambda: bool(stop)):
+        with nbattr.watch(warn=lambda m: None):  # only warn: progress and cancel stay the outer's
+            run_chunked(4, lambda rows: None, batch_size=2)
+            stop.append(1)
+            with pytest.raises(nbattr.Cancelled):
+                run_chunked(2, lambda rows: None, batch_size=1)
+    assert seen == [2, 4]
+
+
+def test_warn_receives_the_engine_warnings_instead_of_python(recwarn):
+    import warnings
+
+    notes = []
+    net = torch.nn.Sequential(cnn(), torch.nn.Dropout(0.0)).train()
+    with nbattr.watch(warn=notes.append):
+        nbattr.attribute(net, _x(1), method="saliency")
+        nbattr.attribute(cnn(), _x(1), steps="auto", tol=1e-12, max_steps=5)
+    assert len(notes) == 2 and "training mode" in notes[0] and "reached max_steps=5" in notes[1]
+    assert len(recwarn) == 0
+    # outside a block: a UserWarning at the caller's line
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        nbattr.attribute(net, _x(1), method="saliency")
+    assert [c.filename for c in caught] == [__file__]

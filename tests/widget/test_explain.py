@@ -3,10 +3,12 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
 import torch
+import traitlets
 
 from nbattr.widget import Explain, codec
 from nbattr.widget import explain as explain_mod
@@ -22,20 +24,92 @@ def test_image_widget_first_result_and_traits(cnn, image):
     w = Explain(cnn, image, labels=[f"c{i}" for i in range(10)])
     assert w.wait(30)
     assert w.kind == "image" and w.method == "integrated_gradients" and w.status == "idle"
+    assert w.steps == "auto"  # the default: the engine's adaptive steps, |delta| within 1%
     assert w.map_data["dtype"] == "float32" and w.map_data["shape"] == [2, 16, 16]
     assert isinstance(w.map_data["view"], memoryview)
     assert w.image_data["shape"] == [16, 16, 4]
-    # α player: one uint8 buffer with per-frame scales, and the curve as float32
-    assert w.frames["dtype"] == "uint8" and w.frames["shape"] == [32, 16, 16]
-    assert len(w.frames["scales"]) == 32
-    curve = codec.decode(w.curve)
-    assert curve.shape == (3, 32) and curve[0, 0] == 0 and curve[0, -1] == 1
     r = w.receipt
+    assert r["auto"] is True and r["params"]["rule"] == "clenshaw_curtis"
+    s = r["steps"]
+    assert s in (5, 9, 17, 33, 65, 129)  # the nested Clenshaw-Curtis grids up to AUTO_MAX_STEPS
+    # α player: one uint8 buffer with per-frame scales, one frame per node; the curve as float32
+    assert w.frames["dtype"] == "uint8" and w.frames["shape"] == [s, 16, 16]
+    assert len(w.frames["scales"]) == s
+    curve = codec.decode(w.curve)
+    assert curve.shape == (3, s) and curve[0, 0] == 0 and curve[0, -1] == 1
+    assert np.all(np.diff(curve[0]) > 0)
     assert r["method"] == "integrated_gradients" and r["label"] == f"c{w.target}"
-    # the cumulative sum ends at F(x') + sum of attributions; trapezoid IG is complete up to delta
-    assert curve[2, -1] == pytest.approx(r["fbase"] + r["total"], abs=1e-4)
-    assert abs(r["delta"]) < 0.05 * max(1e-3, abs(r["fx"] - r["fbase"])) + 1e-3
+    gap = abs(r["fx"] - r["fbase"])
+    assert abs(r["delta"]) <= explain_mod.AUTO_TOL * gap + 1e-6
+    # the curve's running (trapezoid) sum ends near F(x') + sum of attributions
+    assert curve[2, -1] == pytest.approx(r["fbase"] + r["total"], abs=0.05 * gap + 1e-4)
     assert w.topk[0]["index"] == w.target and abs(sum(p["prob"] for p in w.topk)) <= 1.0 + 1e-6
+    w.close()
+
+
+def test_fixed_steps_give_evenly_spaced_trapezoid_frames(cnn, image):
+    w = Explain(cnn, image, steps=32)
+    assert w.wait(30)
+    r = w.receipt
+    assert w.steps == 32 and r["auto"] is False and r["steps"] == 32
+    assert r["params"]["rule"] == "riemann_trapezoid"
+    assert w.frames["shape"][0] == 32
+    curve = codec.decode(w.curve)
+    assert np.allclose(curve[0], np.linspace(0, 1, 32))
+    # trapezoid IG: the cumulative sum ends exactly at F(x') + sum of attributions
+    assert curve[2, -1] == pytest.approx(r["fbase"] + r["total"], abs=1e-4)
+    # back to auto and to a fixed count again: each is its own view (and cache entry)
+    w.steps = "auto"
+    assert w.wait(30)
+    assert w.receipt["auto"] is True and w.frames["shape"][0] == w.receipt["steps"]
+    w.steps = 12
+    assert w.wait(30)
+    assert w.receipt["steps"] == 12 and w.frames["shape"][0] == 12
+    with pytest.raises(traitlets.TraitError):
+        w.steps = "many"
+    with pytest.raises(traitlets.TraitError):
+        w.steps = 1
+    w.close()
+
+
+def test_auto_steps_on_a_path_method_without_an_adaptive_rule(cnn, image):
+    w = Explain(cnn, image, method="interior_gradients")
+    assert w.wait(30)
+    assert w.steps == "auto" and w.receipt["auto"] is False
+    assert w.receipt["steps"] == explain_mod.FIXED_STEPS == w.frames["shape"][0]
+    w.method = "saliency"
+    assert w.wait(30)
+    assert w.receipt["steps"] is None and w.frames == {}
+    w.close()
+
+
+def test_auto_steps_stop_at_the_widget_cap_and_the_receipt_shows_it(cnn, image, monkeypatch):
+    monkeypatch.setattr(explain_mod, "AUTO_TOL", 1e-12)  # unreachable in float32: the cap decides
+    monkeypatch.setattr(explain_mod, "AUTO_MAX_STEPS", 9)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        w = Explain(cnn, image, prefetch=False)
+        assert w.wait(30)
+    assert w.receipt["steps"] == 9 == w.frames["shape"][0] and w.error == ""
+    # the engine's warning is in the receipt (shown in the page), not on the kernel's stderr
+    notes = w.receipt["notes"]
+    assert len(notes) == 1 and "reached max_steps=9" in notes[0]
+    assert not [c for c in caught if "max_steps" in str(c.message)]
+    w.close()
+
+
+def test_engine_warnings_reach_the_receipt_once(cnn, image):
+    model = torch.nn.Sequential(cnn, torch.nn.Dropout(0.0)).train()  # p=0: deterministic, still warned
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        w = Explain(model, image, method="saliency", prefetch=False)
+        assert w.wait(30)
+    notes = w.receipt["notes"]
+    assert len(notes) == 1 and "training mode" in notes[0]
+    assert not [c for c in caught if "training mode" in str(c.message)]
+    model.eval()
+    w.method = "gradient_x_input"
+    assert w.wait(30) and w.receipt["notes"] == []
     w.close()
 
 
