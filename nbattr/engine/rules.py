@@ -1544,8 +1544,8 @@ class _Replay(TorchFunctionMode):
         varying = [i for i, v in enumerate(leaves) if isinstance(v, Tensor) and v.requires_grad]
         if not varying:
             return func(*args, **kwargs)
-        if op.name == "detach" and _varies(leaves[0]):
-            self._report("detach (a value of the input used as a constant)")
+        if op.name in ("detach", "data") and _varies(leaves[0]):  # h.detach(), h.data
+            self._report(f"{op.name} (a value of the input used as a constant)")
         if kind == "composite":
             return self._composite(COMPOSITES[op.name], func, op, args, kwargs, leaves, spec, entry)
         if kind == "nonlinear":

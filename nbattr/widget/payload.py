@@ -17,7 +17,9 @@ a running sum, so the curve's trapezoid end is within the two rules' difference 
 float32 (the wire sends them as uint8); maps and curve as float64.
 
 :func:`build` takes a single-target result; for a multi-target one (the widget's prefetch of the
-other top classes) build each ``attr.for_target(j)``: the payload is identical to a separate run.
+other top classes) build each ``attr.for_target(j)``: the payload is identical to a separate run
+(with a fixed step count; under ``steps="auto"`` the K targets share their nodes, refined until
+every target meets the tolerance, so a target may get more nodes than its own run would take).
 """
 
 from __future__ import annotations

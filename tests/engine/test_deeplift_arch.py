@@ -1085,6 +1085,8 @@ class _Detached(_Elementwise):
         h = self.a(x)
         if self.how == "detach":
             return self.b(h * torch.sign(h.detach()))
+        if self.how == "data":
+            return self.b(h * torch.sign(h.data))
         with torch.no_grad():
             scale = h.abs().amax(1, keepdim=True)
         with torch.no_grad():  # a constant that does not come from the input: not reported
@@ -1092,9 +1094,9 @@ class _Detached(_Elementwise):
         return self.b(h / scale * w)
 
 
-@pytest.mark.parametrize("how", ["detach", "no_grad"])
+@pytest.mark.parametrize("how", ["detach", "data", "no_grad"])
 def test_a_value_of_the_input_made_a_constant_is_reported(how):
-    """``sign(h.detach())`` or a scale computed under ``no_grad`` differ between x and x', but
+    """``sign(h.detach())``, ``sign(h.data)`` or a scale computed under ``no_grad`` differ between x and x', but
     the rules can only take them as constants, so completeness fails: the call is named."""
     torch.manual_seed(6)
     with warnings.catch_warnings():
@@ -1102,6 +1104,7 @@ def test_a_value_of_the_input_made_a_constant_is_reported(how):
         r = nbattr.attribute(_Detached(how), torch.randn(4, 4), method="deeplift",
                              baseline=torch.randn(4, 4) * 2, target=0)
     expected = {"detach": "detach (a value of the input used as a constant)",
+                "data": "data (a value of the input used as a constant)",
                 "no_grad": "abs (under no_grad)"}[how]
     assert expected in r.unsupported
     assert r.delta.abs().max() > 1e-4  # the reason
