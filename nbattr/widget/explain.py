@@ -279,7 +279,15 @@ class Explain(anywidget.AnyWidget):
 
     def _attribute_one(self, method: str, baseline: str, target: int, steps: int | str) -> dict[str, Any]:
         attr, notes = self._engine_call(method, baseline, target, steps)
-        return payload.build(attr, self.kind, self.label(target), notes=notes)
+        return self._build(attr, target, notes)
+
+    def _build(self, attr: Any, target: int, notes: list[str]) -> dict[str, Any]:
+        """The cached payload: its α frames already quantised for the wire (uint8, a quarter of
+        float32; up to AUTO_MAX_STEPS frames per view under steps="auto")."""
+        p = payload.build(attr, self.kind, self.label(target), notes=notes)
+        if "frames" in p:
+            p["frames"] = codec.encode_frames(p["frames"])
+        return p
 
     def prefetchable(self, method: str) -> bool:
         """Whether ``method`` has the engine's native multi-target path (one forward, K backward)."""
@@ -309,7 +317,7 @@ class Explain(anywidget.AnyWidget):
         for j, ti in enumerate(todo):
             if give_way():  # keep what is built, leave the rest
                 break
-            out[(method, baseline, ti, steps, ())] = payload.build(attr.for_target(j), self.kind, self.label(ti), notes=notes)
+            out[(method, baseline, ti, steps, ())] = self._build(attr.for_target(j), ti, notes)
         return out
 
     def _compute(self, key: tuple[Any, ...]) -> dict[str, Any]:
@@ -352,7 +360,7 @@ class Explain(anywidget.AnyWidget):
             self.error = ""
             self.map_data = codec.encode(p["maps"])
             if "frames" in p:
-                self.frames = codec.encode_frames(p["frames"])
+                self.frames = p["frames"]
                 self.curve = codec.encode(p["curve"])
             else:
                 self.frames = {}

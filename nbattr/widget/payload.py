@@ -13,8 +13,9 @@ Reductions (done in Python, sent as float32):
 ``curve`` holds α_k, F(x' + α_k (x - x')) and F(x') + the cumulative trapezoid integral of
 sum(g * (x - x')) up to α_k (which ends at F(x') + sum of attributions with evenly spaced
 trapezoid nodes; under ``steps="auto"`` the nodes are Clenshaw-Curtis's, whose weights are not
-a running sum, so the curve's trapezoid end is within the two rules' difference of it). Frames are kept as
-float32 (the wire sends them as uint8); maps and curve as float64.
+a running sum, so the curve's trapezoid end is within the two rules' difference of it). Frames are
+float32 (the widget quantises them to uint8 once, for its cache and the wire); maps and curve
+float64.
 
 :func:`build` takes a single-target result; for a multi-target one (the widget's prefetch of the
 other top classes) build each ``attr.for_target(j)``: the payload is identical to a separate run
@@ -90,6 +91,6 @@ def build(attr: Any, kind: str, label: str | None = None, notes: list[str] | Non
             da = np.diff(alphas)
             cum[1:] = np.cumsum(da * (per_step[1:] + per_step[:-1]) / 2.0)
         base = fb if fb is not None else 0.0
-        out["frames"] = frames.astype(np.float32)  # only ever quantised to uint8 (codec); halves the cache
+        out["frames"] = frames.astype(np.float32)  # the widget quantises them to uint8 (codec) for its cache
         out["curve"] = np.stack([alphas, _np(attr.path_outputs)[:, 0], base + cum])
     return out

@@ -65,6 +65,9 @@ def test_fixed_steps_give_evenly_spaced_trapezoid_frames(cnn, image):
     w.steps = 12
     assert w.wait(30)
     assert w.receipt["steps"] == 12 and w.frames["shape"][0] == 12
+    # the cache holds the frames as the wire's uint8, not float32
+    cached = w._controller.get_cached(w.key())
+    assert cached["frames"]["dtype"] == "uint8" and cached["frames"] is w.frames
     with pytest.raises(traitlets.TraitError):
         w.steps = "many"
     with pytest.raises(traitlets.TraitError):
@@ -263,6 +266,10 @@ def assert_same_payload(a, b):
     for k in a:
         if k == "receipt":
             assert a[k] == b[k]
+        elif k == "frames":  # the wire's uint8 frames: equal up to one quantisation step
+            np.testing.assert_allclose(a[k]["scales"], b[k]["scales"], rtol=1e-6, atol=1e-9)
+            qa, qb = codec.decode(a[k]).astype(int), codec.decode(b[k]).astype(int)
+            assert np.abs(qa - qb).max() <= 1
         else:
             np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-9)
 
