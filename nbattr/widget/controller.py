@@ -26,11 +26,13 @@ in ``prefetch_errors``, never published.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import threading
 import time
 import traceback
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
@@ -109,6 +111,7 @@ class Controller:
         self.last: Outcome | None = None
         self._thread = threading.Thread(target=self._loop, name="nbattr-widget-worker", daemon=True)
         self._thread.start()
+        _LIVE.add(self)
 
     # -- public ---------------------------------------------------------------------------
     def request(self, key: Hashable) -> int:
@@ -170,11 +173,15 @@ class Controller:
                 self._lock.wait(left)
         return True
 
-    def close(self) -> None:
+    def close(self, join: float | None = None) -> None:
+        """Stop: the worker takes no new request and a running one stops at its next chunk.
+        ``join``: wait up to that many seconds for the worker thread to end."""
         with self._lock:
             self._closed = True
             self._pending = None
             self._lock.notify_all()
+        if join is not None and self._thread is not threading.current_thread():
+            self._thread.join(join)
 
     # -- worker ---------------------------------------------------------------------------
     def _current(self, seq: int) -> bool:
@@ -306,3 +313,21 @@ class Controller:
                 self._on_state("idle", key)
             if prefetch:
                 self._run_prefetch(key)
+
+
+#: the controllers whose worker may still run (weakly held)
+_LIVE: weakref.WeakSet[Controller] = weakref.WeakSet()
+
+#: seconds the interpreter's exit waits for a worker's chunk in flight
+EXIT_JOIN = 10.0
+
+
+@atexit.register
+def _close_all() -> None:
+    """At interpreter exit (a script, or a kernel shutting down with a widget still computing):
+    stop every worker and wait for it. A daemon thread killed inside a torch call aborts the
+    process ("terminate called without an active exception", exit status 134)."""
+    for c in list(_LIVE):
+        c.close()
+    for c in list(_LIVE):
+        c.close(join=EXIT_JOIN)

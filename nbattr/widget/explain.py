@@ -145,6 +145,8 @@ class Explain(anywidget.AnyWidget):
         prefetch_after: float | None = 3.0,
         **kwargs: Any,
     ) -> None:
+        if steps != "auto" and (isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 2):
+            raise ValueError(f"steps must be 'auto' or an int >= 2 (the path points of a path method), got {steps!r}")
         if not isinstance(x, Tensor):
             x = torch.as_tensor(x)
         known = all_methods()

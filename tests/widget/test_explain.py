@@ -68,6 +68,9 @@ def test_fixed_steps_give_evenly_spaced_trapezoid_frames(cnn, image):
     # the cache holds the frames as the wire's uint8, not float32
     cached = w._controller.get_cached(w.key())
     assert cached["frames"]["dtype"] == "uint8" and cached["frames"] is w.frames
+    for bad in ("Auto", 1, 2.5, True):
+        with pytest.raises(ValueError, match="steps must be 'auto' or an int >= 2"):
+            Explain(cnn, image, steps=bad)
     with pytest.raises(traitlets.TraitError):
         w.steps = "many"
     with pytest.raises(traitlets.TraitError):
@@ -258,6 +261,23 @@ def test_missing_bundle_gives_a_message_not_an_import_error(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok nbattr" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("wait", [False, True])
+def test_a_script_that_exits_with_a_widget_computing_exits_cleanly(wait):
+    """A worker still in a torch call when the interpreter exits used to abort the process
+    (std::terminate, exit status 134); now exit stops it at its next chunk and waits for it."""
+    code = (
+        "import torch\n"
+        "from torch import nn\n"
+        "from nbattr import Explain\n"
+        "w = Explain(nn.Sequential(nn.Flatten(), nn.Linear(12, 6)).eval(), torch.randn(3, 2, 2))\n"
+        + ("w.wait(60)\n" if wait else "")  # exit while the prefetch (or the request) runs
+        + "print('exiting', w.status)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "exiting" in out.stdout, (out.returncode, out.stderr)
+    assert "terminate called" not in out.stderr
 
 
 # -- prefetch of the other top-k classes -------------------------------------------------------
