@@ -35,13 +35,13 @@ export default { render({ el }) {
 """
 
 IMAGE_BASELINES = ["zeros", "blur", "uniform", "mean"]
+OTHER_BASELINES = ["zeros", "uniform", "mean"]
 #: ``steps="auto"`` in the widget: |delta| goal relative to |F(x) - F(x')| (the receipt turns red at 5%)
 AUTO_TOL = 1e-2
 #: ``steps="auto"`` in the widget: the most gradients (and α frames) one view may take
 AUTO_MAX_STEPS = 129
 #: ``steps="auto"`` for path methods that have no adaptive rule
 FIXED_STEPS = 32
-OTHER_BASELINES = ["zeros", "uniform", "mean"]
 
 
 def _read(name: str, fallback: str) -> str:
@@ -268,7 +268,7 @@ class Explain(anywidget.AnyWidget):
             # and its delta turns red when AUTO_MAX_STEPS did not get within 5%
             opts.update(tol=AUTO_TOL, max_steps=AUTO_MAX_STEPS)
         elif info.path:
-            steps = FIXED_STEPS if steps == "auto" else max(int(steps), 2)
+            steps = FIXED_STEPS if steps == "auto" else int(steps)  # the trait holds ints >= 2
             if "rule" in info.options:
                 opts["rule"] = "riemann_trapezoid"  # evenly spaced α frames including 0 and 1
         if "keep_path" in info.options:
