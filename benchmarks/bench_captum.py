@@ -1,7 +1,11 @@
 """nbattr against Captum, timed in one run on the same model, batch, steps and baseline.
 
 Prints the median time of each side over repeats and the median ratio nbattr / Captum of the
-rounds (< 1: nbattr is faster; the two sides alternate, so a shared machine's slow spells hit both), and the peak memory of one call of each side: on CUDA ``torch.cuda.max_memory_allocated``
+rounds (< 1: nbattr is faster; the sides alternate, so a shared machine's slow spells hit both).
+Every nbattr result carries its completeness error ``delta``; Captum computes it only when asked
+(``return_convergence_delta=True``: a forward pass at the inputs and one at the baselines), so for
+the methods with completeness (IG, DeepLIFT) a second ratio compares against Captum doing that
+same work. Then the peak memory of one call of each side: on CUDA ``torch.cuda.max_memory_allocated``
 above what was allocated before the call; on CPU the rise of the process's resident set size
 (``/proc/self/statm``) sampled every millisecond by a thread during the call (tracemalloc does not
 see torch's allocations; ``getrusage`` maxrss is a lifetime high-water mark, blind to a call that
@@ -48,19 +52,23 @@ def _once(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def timed_pair(ours: Callable[[], object], theirs: Callable[[], object], repeats: int,
-               device: torch.device) -> tuple[float, float, float]:
-    """Median times of both sides and the median of their per-round ratios. The two run in
-    alternation (ours, theirs, theirs, ours, ...), so a shared machine's slow spells hit both."""
-    ours(), theirs()  # warm-up
-    to, tc, ratios = [], [], []
+def timed_rounds(fns: list[Callable[[], object]], repeats: int, device: torch.device
+                 ) -> tuple[list[float], list[float]]:
+    """Median time of each function and the median per-round ratio of the first (ours) to each
+    of the others. They run in alternation, forwards then backwards (a, b, c, c, b, a, ...), so a
+    shared machine's slow spells hit all."""
+    for f in fns:  # warm-up
+        f()
+    times: list[list[float]] = [[] for _ in fns]
+    ratios: list[list[float]] = [[] for _ in fns[1:]]
     for i in range(repeats):
-        if i % 2:
-            b, a = _once(theirs, device), _once(ours, device)
-        else:
-            a, b = _once(ours, device), _once(theirs, device)
-        to.append(a), tc.append(b), ratios.append(a / b)
-    return statistics.median(to), statistics.median(tc), statistics.median(ratios)
+        order = range(len(fns)) if i % 2 == 0 else reversed(range(len(fns)))
+        t = {k: _once(fns[k], device) for k in order}
+        for k in range(len(fns)):
+            times[k].append(t[k])
+        for k in range(1, len(fns)):
+            ratios[k - 1].append(t[0] / t[k])
+    return [statistics.median(v) for v in times], [statistics.median(v) for v in ratios]
 
 
 def _rss() -> int:
@@ -103,23 +111,28 @@ def cases(model: nn.Module, x: torch.Tensor, steps: int):
     t = nbattr.attribute(model, x, method="saliency").target
     yield ("IG gauss_legendre",
            lambda: nbattr.attribute(model, x, baseline=b, target=t, steps=steps, rule="gauss_legendre"),
-           lambda: ca.IntegratedGradients(model).attribute(x, b, target=t, n_steps=steps, method="gausslegendre"))
+           lambda: ca.IntegratedGradients(model).attribute(x, b, target=t, n_steps=steps, method="gausslegendre"),
+           lambda: ca.IntegratedGradients(model).attribute(x, b, target=t, n_steps=steps, method="gausslegendre",
+                                                           return_convergence_delta=True))
     yield ("IG riemann_right",
            lambda: nbattr.attribute(model, x, baseline=b, target=t, steps=steps, rule="riemann_right"),
-           lambda: ca.IntegratedGradients(model).attribute(x, b, target=t, n_steps=steps, method="riemann_right"))
+           lambda: ca.IntegratedGradients(model).attribute(x, b, target=t, n_steps=steps, method="riemann_right"),
+           lambda: ca.IntegratedGradients(model).attribute(x, b, target=t, n_steps=steps, method="riemann_right",
+                                                           return_convergence_delta=True))
     if "deeplift" in nbattr.methods():
         yield ("DeepLIFT rescale",
                lambda: nbattr.attribute(model, x, method="deeplift", baseline=b, target=t),
-               lambda: ca.DeepLift(model).attribute(x, b, target=t))
+               lambda: ca.DeepLift(model).attribute(x, b, target=t),
+               lambda: ca.DeepLift(model).attribute(x, b, target=t, return_convergence_delta=True))
     yield ("SmoothGrad (16 samples)",
            lambda: nbattr.attribute(model, x, method="smoothgrad", target=t, samples=16, noise_level=0.15),
            lambda: ca.NoiseTunnel(ca.Saliency(model)).attribute(
-               x, nt_type="smoothgrad", nt_samples=16, stdevs=0.15, target=t, abs=False))
+               x, nt_type="smoothgrad", nt_samples=16, stdevs=0.15, target=t, abs=False), None)
     w = max(1, x.shape[-1] // 8)
     yield (f"Occlusion ({x.shape[1]}x{w}x{w})",
            lambda: nbattr.attribute(model, x, method="occlusion", window=w, baseline=b, target=t),
            lambda: ca.Occlusion(model).attribute(x, sliding_window_shapes=(x.shape[1], w, w),
-                                                 strides=(x.shape[1], w, w), baselines=0, target=t))
+                                                 strides=(x.shape[1], w, w), baselines=0, target=t), None)
 
 
 def floor_ratio(model: nn.Module, x: torch.Tensor, steps: int, repeats: int, device: torch.device,
@@ -167,14 +180,19 @@ def main() -> int:
     print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} "
           f"steps={args.steps} repeats={args.repeats}")
     mem = "peak MiB (CUDA allocated)" if device.type == "cuda" else "peak MiB (RSS rise, sampled)"
-    print(f"{'model':34s} {'method':26s} {'nbattr s':>9s} {'captum s':>9s} {'ratio':>6s}   {mem}: nbattr, captum")
+    print(f"{'model':34s} {'method':26s} {'nbattr s':>9s} {'captum s':>9s} {'ratio':>6s} "
+          f"{'+delta s':>9s} {'ratio':>6s}   {mem}: nbattr, captum")
+    print("(+delta: Captum with return_convergence_delta=True, the completeness error every nbattr "
+          "result carries)")
     for name, model, x in models:
         model, x = model.to(device), x.to(device)
-        for label, ours, theirs in cases(model, x, args.steps):
-            to, tc, ratio = timed_pair(ours, theirs, args.repeats, device)
+        for label, ours, theirs, theirs_delta in cases(model, x, args.steps):
+            fns = [ours, theirs] + ([theirs_delta] if theirs_delta is not None else [])
+            (to, tc, *td), (ratio, *rd) = timed_rounds(fns, args.repeats, device)
             mo, mc = peak_memory(ours, device), peak_memory(theirs, device)
             ms = "n/a" if mo is None or mc is None else f"{mo:8.1f} {mc:8.1f}"
-            print(f"{name:34s} {label:26s} {to:9.3f} {tc:9.3f} {ratio:6.2f}   {ms}", flush=True)
+            vs_delta = f"{td[0]:9.3f} {rd[0]:6.2f}" if td else f"{'-':>9s} {'-':>6s}"
+            print(f"{name:34s} {label:26s} {to:9.3f} {tc:9.3f} {ratio:6.2f} {vs_delta}   {ms}", flush=True)
         fr, t_fb = floor_ratio(model, x, args.steps, args.repeats, device)
         print(f"{name:34s} IG time / ({args.steps} x one forward+backward at N={x.shape[0]}, "
               f"{t_fb * 1000:.1f} ms) = {fr:.2f}", flush=True)

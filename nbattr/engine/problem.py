@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
-import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -194,10 +193,11 @@ def _score_gradient(scores: Tensor, z: Tensor) -> Tensor:
         eye = torch.eye(k, dtype=scores.dtype, device=scores.device)
         seeds = eye[:, None, :].expand(k, scores.shape[0], k)  # seed j selects column j of every row
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # vmap's "falling back to a slow loop" performance note
-                (g,) = torch.autograd.grad(scores, z, grad_outputs=seeds, is_grads_batched=True,
-                                           retain_graph=True, allow_unused=True)
+            # No warnings.catch_warnings here: it swaps the process's filters, and the widget
+            # runs this on a worker thread (the user's cells would lose their warnings meanwhile).
+            # vmap's fallback performance notes are off unless the user turned them on.
+            (g,) = torch.autograd.grad(scores, z, grad_outputs=seeds, is_grads_batched=True,
+                                       retain_graph=True, allow_unused=True)
         except RuntimeError:  # an operation (e.g. a custom autograd.Function) without a vmap rule
             g = False
         if g is None:

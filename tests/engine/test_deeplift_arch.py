@@ -1211,3 +1211,72 @@ def test_tiny_hugging_face_decoders_conserve(arch):
             r = deeplift(lambda i: model(input_ids=i, attention_mask=(i != 0).long()).logits[:, 3],
                          ids, baseline, layer=emb)
             assert_conserves(r, 1e-4)  # float32; measured <= 2e-6
+
+
+class CachedBias(nn.Module):
+    """As the attention biases of Hugging Face's BEiT and LeViT in eval mode: indexed out of a
+    table on the first call and cached, so later calls run fewer operations."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 4)
+        self.table = nn.Parameter(torch.randn(10))
+        self.register_buffer("idx", torch.tensor([3, 1, 4, 1]))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x):
+        if self.training or "bias" not in self.cache:
+            bias = self.table[self.idx] * 2.0
+            if not self.training:
+                self.cache["bias"] = bias.detach()
+        else:
+            bias = self.cache["bias"]
+        return torch.softmax(torch.relu(self.lin(x)) + bias, -1)
+
+
+@pytest.mark.parametrize("n", [2, 6])  # <= 4 rows: the problem's first forward is the recording
+def test_a_model_whose_first_call_differs_conserves(n):
+    torch.manual_seed(11)
+    model = CachedBias().eval()
+    r = deeplift(model, torch.randn(n, 6), "zeros")
+    assert_conserves(r)
+    assert "bias" in model.cache  # the model's own cache is its business
+
+
+def _hf_vision(arch):
+    transformers = pytest.importorskip("transformers")
+    T, s = transformers, 32
+    vit = dict(image_size=s, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+               intermediate_size=32, num_labels=5)
+    configs = {
+        "vit": lambda: T.ViTForImageClassification(T.ViTConfig(**vit)),
+        "beit": lambda: T.BeitForImageClassification(T.BeitConfig(**vit, use_relative_position_bias=True)),
+        "levit": lambda: T.LevitForImageClassification(T.LevitConfig(
+            image_size=2 * s, hidden_sizes=[16, 24, 32], num_attention_heads=[1, 2, 2], depths=[1, 1, 1],
+            key_dim=[8, 8, 8], num_labels=5)),
+        "swin": lambda: T.SwinForImageClassification(T.SwinConfig(
+            image_size=s, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=4, num_labels=5)),
+        "convnext": lambda: T.ConvNextForImageClassification(T.ConvNextConfig(
+            num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=5)),
+        "segformer": lambda: T.SegformerForImageClassification(T.SegformerConfig(
+            hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 2, 2],
+            decoder_hidden_size=16, num_labels=5)),
+    }
+    model = configs[arch]().to(torch.get_default_dtype()).eval()
+    with torch.no_grad():  # HF's init (std 0.02) leaves a deep random net's scores ~0
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="linear")
+    return model, (2 * s if arch == "levit" else s)
+
+
+@pytest.mark.parametrize("arch", ["vit", "beit", "levit", "swin", "convnext", "segformer"])
+def test_tiny_hugging_face_vision_models_conserve(arch):
+    """Randomly initialised image classifiers from transformers (attention with relative position
+    biases cached on the first call in BEiT and LeViT, windows and shifts in Swin, LayerNorm over
+    channels in ConvNeXt, efficient attention in SegFormer)."""
+    torch.manual_seed(12)
+    model, s = _hf_vision(arch)
+    x = torch.rand(2, 3, s, s)
+    r = deeplift(lambda z: model(pixel_values=z).logits, x, "blur")
+    assert_conserves(r, 1e-9)  # float64; measured <= 1.2e-15 with |F(x) - F(x')| from 0.01 to 1.1

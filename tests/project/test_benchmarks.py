@@ -23,5 +23,9 @@ def test_bench_captum_quick_prints_every_method_and_the_floor():
         row = next(line for line in out.splitlines() if label in line)
         ours, theirs, ratio = (float(v) for v in re.findall(r"\d+\.\d+", row)[:3])
         assert ours > 0 and theirs > 0 and ratio > 0, row
+        if label.startswith(("IG", "DeepLIFT")):  # also against Captum computing its delta
+            cols = row.split()
+            with_delta, ratio_delta = float(cols[-5]), float(cols[-4])
+            assert with_delta > 0 and ratio_delta > 0, row
     floor = next(line for line in out.splitlines() if "IG time / (4 x one forward+backward" in line)
     assert float(floor.rsplit("=", 1)[1]) > 0
