@@ -181,6 +181,30 @@ def test_fallback_loop_when_backward_cannot_be_batched(monkeypatch: pytest.Monke
         torch.testing.assert_close(r.attributions[:, j], lin.weight[t] * 3 * x**2)
 
 
+def test_batched_backward_leaves_the_warning_filters_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The widget runs this on a worker thread: swapping the process's filters there (as
+    ``warnings.catch_warnings`` does) would swallow the warnings of the user's cells meanwhile."""
+    import warnings
+
+    from nbattr.engine import problem
+
+    monkeypatch.setattr(problem, "BATCHED_BACKWARD_DEVICES", {"cpu", "cuda"})
+    seen: list[list] = []
+    lin = nn.Linear(4, 3).double()
+
+    def model(x: torch.Tensor) -> torch.Tensor:
+        h = x * 2.0
+        if h.requires_grad:
+            h.register_hook(lambda g: seen.append(list(warnings.filters)))
+        return lin(h)
+
+    nbattr.attribute(model, torch.randn(2, 4), method="saliency", target="top2")  # lazy imports add filters
+    seen.clear()
+    before = list(warnings.filters)
+    nbattr.attribute(model, torch.randn(2, 4), method="saliency", target="top2")
+    assert seen and all(f == before for f in seen)
+
+
 @pytest.mark.parametrize(
     "target,match",
     [
