@@ -248,6 +248,25 @@ def test_batch_size_does_not_change_the_curve() -> None:
     torch.testing.assert_close(a.scores, c.scores)
 
 
+def test_ablation_and_saturation_pass_per_example_forward_kwargs() -> None:
+    """A model scaled per example: the curves equal those of each example run alone."""
+    lin = linear(6, 3, seed=4)
+
+    def model(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return lin(x * scale)
+
+    torch.manual_seed(5)
+    x, scale = torch.rand(3, 6, dtype=torch.float64), torch.rand(3, 6, dtype=torch.float64) + 0.5
+    attr = torch.randn(3, 6, dtype=torch.float64)
+    a = ablation_curve(model, x, attr, steps=3, batch_size=2, forward_kwargs={"scale": scale})
+    s = saturation(model, x, steps=4, batch_size=2, forward_kwargs={"scale": scale})
+    for i in range(3):
+        one = dict(forward_kwargs={"scale": scale[i:i + 1]})
+        torch.testing.assert_close(a.scores[:, i:i + 1], ablation_curve(model, x[i:i + 1], attr[i:i + 1], steps=3,
+                                                                        **one).scores)
+        torch.testing.assert_close(s.logits[:, i:i + 1], saturation(model, x[i:i + 1], steps=4, **one).logits)
+
+
 def test_ablation_errors() -> None:
     model = linear(6, classes=3)
     x = torch.randn(2, 6, dtype=torch.float64)

@@ -27,6 +27,7 @@ def attribute(
     rule: str = "gauss_legendre",
     batch_size: BatchSize = "auto",
     layer: nn.Module | None = None,
+    forward_kwargs: dict[str, Any] | None = None,
     **method_options: Any,
 ) -> Attribution:
     """Attribute the model's target score to the features of ``x``.
@@ -70,6 +71,11 @@ def attribute(
     batch_size : rows per model call, or ``"auto"`` (sized from memory; see ``engine.batching``).
     layer : attribute with respect to this module's output instead of the input (embedding-layer
         attribution for models taking token ids).
+    forward_kwargs : keyword arguments for every model call, ``model(points, **forward_kwargs)``
+        (Captum's ``additional_forward_args``). A tensor whose first dimension is N (one row per
+        example: an attention mask, token type ids) is indexed along with the rows, so each path
+        point, sample or perturbation gets its example's row; anything else is passed as is.
+        These are not attributed.
     **method_options : the method's own options, listed by :func:`nbattr.methods`.
 
     Inside a :func:`nbattr.watch` block the call reports its progress and can be cancelled.
@@ -96,7 +102,8 @@ def attribute(
     with model_guard(model):
         problem = Problem(model, x, target=target, baseline=baseline, layer=layer, batch_size=batch_size,
                           record=record, keep_graph=getattr(info.fn, "keep_first_graph", False),
-                          measure=getattr(info.fn, "measure_first_forward", False))
+                          measure=getattr(info.fn, "measure_first_forward", False),
+                          forward_kwargs=forward_kwargs)
         if not problem.multi:
             return info.fn(problem, **opts)
         if getattr(info.fn, "multi_target", False):

@@ -710,6 +710,9 @@ def attribute_dataset(
     **attribute_kwargs : passed to :func:`nbattr.attribute` (``baseline``, ``steps``, ``rule``,
         ``layer``, method options). A tensor ``baseline`` of shape ``(N, ...)`` (one per example of
         the whole data set) is sliced per chunk; any other must broadcast against a chunk.
+        ``forward_kwargs`` (keyword arguments of the model) is a dict, whose tensors with one row
+        per example of the whole data set are sliced per chunk, or a callable ``batch -> dict``
+        applied to each collated chunk (``lambda b: {"attention_mask": b["attention_mask"]}``).
 
     Returns
     -------
@@ -802,6 +805,12 @@ def _chunk_call(model: Any, source: _Source, k: int, batch: Any, method: str, ta
     base = kw.get("baseline")
     if isinstance(base, Tensor) and base.dim() == x.dim() and base.shape[0] == source.n and source.n > 1:
         kw["baseline"] = base[a:b]
+    fk = kw.get("forward_kwargs")
+    if callable(fk):
+        kw["forward_kwargs"] = fk(batch)
+    elif isinstance(fk, dict) and source.n > 1:  # one row per example of the data set: this chunk's
+        kw["forward_kwargs"] = {name: v[a:b] if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == source.n
+                                else v for name, v in fk.items()}
     r = api.attribute(model, x, method=method, target=t, batch_size=batch_size, **kw)
     if r.params.get("unbatched") or r.attributions.shape[0] != b - a:
         raise InputError(f"the model did not take chunk {k} of shape {tuple(x.shape)} as a batch of "

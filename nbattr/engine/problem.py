@@ -243,9 +243,14 @@ class Problem:
         record: Callable[[], Any] | None = None,
         keep_graph: bool = False,
         measure: bool = False,
+        forward_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if not callable(model):
             raise InputError(f"model must be an nn.Module or a callable, got {type(model).__name__}")
+        if forward_kwargs is not None and not (isinstance(forward_kwargs, dict)
+                                               and all(isinstance(k, str) for k in forward_kwargs)):
+            raise InputError("forward_kwargs must be a dict of keyword arguments for the model, e.g. "
+                             f"{{'attention_mask': mask}}; got {type(forward_kwargs).__name__}")
         if not isinstance(x, Tensor):
             raise InputError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if layer is not None and not isinstance(layer, nn.Module):
@@ -265,6 +270,11 @@ class Problem:
             raise InputError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
         self.model = model
         self.layer = layer
+        #: keyword arguments of every model call; :meth:`_call` indexes those with a row per example
+        self._kwargs: dict[str, Any] = {
+            k: v.to(model_device(model, x.device)) if isinstance(v, Tensor) else v
+            for k, v in (forward_kwargs or {}).items()}
+        self._per_row: frozenset[str] = frozenset()
         self._record = record
         #: the mode (``record()``) the first forward at ``x`` ran in, when it was taped: with
         #: ``batch_size="auto"`` only for at most ``PROBE_ROWS`` examples (one chunk, whose
@@ -329,6 +339,8 @@ class Problem:
         self._check_output(full, x.shape[0])
         self.x = x
         self.n = x.shape[0]
+        self._per_row = frozenset(k for k, v in self._kwargs.items()
+                                  if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == self.n)
         self.inputs = inputs
         self.scalar_output = full.dim() == 1
         self.num_classes = 1 if self.scalar_output else full.shape[1]
@@ -386,7 +398,7 @@ class Problem:
                     # a copy: a model may work in place on its input, and x (the caller's data) stays
                     leaf = x.detach().clone().requires_grad_(True)
                     with torch.enable_grad(), counting:
-                        out = _require_tensor(self.model(leaf.clone(memory_format=layout)))
+                        out = _require_tensor(self._call(leaf.clone(memory_format=layout)))
                     if counter is not None:
                         self.saved_row_bytes = max(1, counter.bytes // x.shape[0])
                     if keep:
@@ -394,15 +406,15 @@ class Problem:
                     return out.detach(), x
                 z = x.clone(memory_format=layout)
                 if mode is None:
-                    return _require_tensor(self.model(z)), x
+                    return _require_tensor(self._call(z)), x
                 with mode:
-                    out = _require_tensor(self.model(z))
+                    out = _require_tensor(self._call(z))
                 self.first_tape = mode
                 return out, x
             with (_Capture(self.layer, leaf=counter is not None) as cap,
                   (mode if mode is not None else contextlib.nullcontext()),
                   torch.set_grad_enabled(counter is not None), counting):
-                out = _require_tensor(self.model(x.clone()))
+                out = _require_tensor(self._call(x.clone()))
             if counter is not None:
                 out = out.detach()
                 if cap.calls == 1:
@@ -532,14 +544,36 @@ class Problem:
         cl = self._shared["channels_last"] and z.dim() == 4
         z = z.clone(memory_format=torch.channels_last if cl else torch.preserve_format)
         if self.layer is None:
-            out = self.model(z)
+            out = self._call(z, rows)
         else:
             with torch._C.DisableTorchFunction():  # our own indexing: not the model's (DeepLIFT's tape)
                 x = self.x[rows]
             with _ReplaceOutput(self.layer, z):
-                out = self.model(x)
+                out = self._call(x, rows)
         self._check_output(out, z.shape[0])
         return out
+
+    def _call(self, z: Tensor, rows: Tensor | None = None) -> Any:
+        """The model on ``z`` with :attr:`_kwargs`; those with one row per example are indexed by
+        ``rows`` (None: all examples, in order). A model that fails on more rows than examples
+        gets a note on its error: a per-example tensor it closes over is the usual cause."""
+        kwargs = self._kwargs
+        if rows is not None and self._per_row:
+            with torch._C.DisableTorchFunction():  # our own indexing: not the model's
+                kwargs = {k: v[rows] if k in self._per_row else v for k, v in kwargs.items()}
+        try:
+            return self.model(z, **kwargs)
+        except Exception as err:
+            n = getattr(self, "n", None)
+            if (n is not None and z.shape[0] != n and hasattr(err, "add_note") and not is_oom(err)
+                    and not type(err).__module__.startswith("nbattr")):
+                err.add_note(
+                    f"nbattr: the model ran on the {n} example(s) but failed on a batch of "
+                    f"{z.shape[0]} rows (path points, samples or perturbations of them). If it uses "
+                    "a per-example tensor besides its input (an attention mask), pass it as "
+                    "attribute(..., forward_kwargs={'attention_mask': mask}): tensors with one row "
+                    "per example are indexed along with the rows.")
+            raise
 
     def take_first_graph(self) -> tuple[Tensor, Tensor] | None:
         """The first forward's ``(leaf, scores)`` when it kept its graph (see :attr:`first_graph`),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -151,6 +152,7 @@ def ablation_curve(
     importance: str = "abs",
     probability: bool = False,
     batch_size: BatchSize = "auto",
+    forward_kwargs: dict[str, Any] | None = None,
 ) -> AblationResult:
     """Remove (or insert) the top features by importance in steps and record the target score.
 
@@ -180,6 +182,8 @@ def ablation_curve(
         by the signed sum (most positive evidence first, as in Samek et al.'s MoRF ordering).
     probability : score with the softmax probability of the target instead of the raw output.
     batch_size : rows per model call, or ``"auto"``.
+    forward_kwargs : keyword arguments of every model call, per-example tensors indexed with the
+        rows (as for :func:`nbattr.attribute`).
 
     Returns
     -------
@@ -209,7 +213,8 @@ def ablation_curve(
     else:
         raise InputError(f"attributions must be a tensor or an Attribution, got {type(attributions).__name__}")
     with model_guard(model):
-        p = Problem(model, x, target=target, baseline=baseline, batch_size=batch_size)
+        p = Problem(model, x, target=target, baseline=baseline, batch_size=batch_size,
+                    forward_kwargs=forward_kwargs)
         if p.target.dim() != 1:
             raise TargetError(f"give one target per example (an int or N ints); got {p.target.shape[1]} "
                               "per example: call once per target")

@@ -145,6 +145,7 @@ def saturation(
     target: TargetSpec = None,
     layers: LayerSpec = None,
     batch_size: BatchSize = "auto",
+    forward_kwargs: dict[str, Any] | None = None,
 ) -> SaturationResult:
     """The target score and layer activations along x' + a (x - x') for a = 0, 1/steps, ..., 1.
 
@@ -160,6 +161,8 @@ def saturation(
     layers : layers whose activations are compared with the ones at x: a dict name -> module, a
         module name from ``model.named_modules()``, a module, or a sequence of names/modules.
     batch_size : rows per model call, or ``"auto"``.
+    forward_kwargs : keyword arguments of every model call, per-example tensors indexed with the
+        rows (as for :func:`nbattr.attribute`).
 
     Returns
     -------
@@ -178,7 +181,8 @@ def saturation(
         raise InputError(f"steps must be a positive int, got {steps!r}")
     mods = resolve_layers(model, layers)
     with model_guard(model):
-        p = Problem(model, x, target=target, baseline=baseline, batch_size=batch_size)
+        p = Problem(model, x, target=target, baseline=baseline, batch_size=batch_size,
+                    forward_kwargs=forward_kwargs)
         if p.target.dim() != 1:
             raise TargetError(f"give one target per example (an int or N ints); got {p.target.shape[1]} "
                               "per example: call once per target")

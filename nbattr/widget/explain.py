@@ -65,6 +65,8 @@ class Explain(anywidget.AnyWidget):
     x : image ``(C, H, W)`` / ``(1, C, H, W)``; token ids ``(L,)`` / ``(1, L)`` with ``tokens=`` and
         ``layer=``; or a feature row ``(F,)`` / ``(1, F)`` with ``feature_names=``.
     tokens, layer : the text view: token strings (shown as text, never HTML) and the embedding module.
+    forward_kwargs : keyword arguments of every model call (an attention mask ``(1, L)``), as for
+        :func:`nbattr.attribute`.
     feature_names : the tabular view.
     labels : class names (a sequence or ``{index: name}``).
     methods : restrict the method list (names from :func:`nbattr.methods`).
@@ -143,6 +145,7 @@ class Explain(anywidget.AnyWidget):
         topk: int = 5,
         prefetch: bool = True,
         prefetch_after: float | None = 3.0,
+        forward_kwargs: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         if steps != "auto" and (isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 2):
@@ -164,6 +167,7 @@ class Explain(anywidget.AnyWidget):
             kind = "image"
             x = x[None] if x.dim() == 3 else x
         self._model, self._x, self._layer, self._labels = model, x, layer, labels
+        self._forward_kwargs = dict(forward_kwargs or {})
         self._custom_baseline = None
         base_list = list(IMAGE_BASELINES if kind == "image" else OTHER_BASELINES)
         if not isinstance(baseline, str):
@@ -175,7 +179,7 @@ class Explain(anywidget.AnyWidget):
         self._compare_cache: dict[str, np.ndarray] = {}
 
         with torch.no_grad():
-            logits = model(x)
+            logits = model(x, **self._forward_kwargs)
         top = self._predictions(logits, topk)
         if target is None:
             target = top[0]["index"] if top else 0
@@ -276,7 +280,8 @@ class Explain(anywidget.AnyWidget):
         notes: list[str] = []
         with watch(warn=notes.append):
             attr = attribute(self._model, self._x, method=method, target=target,
-                             baseline=self._baseline_spec(baseline), steps=steps, layer=self._layer, **opts)
+                             baseline=self._baseline_spec(baseline), steps=steps, layer=self._layer,
+                             forward_kwargs=self._forward_kwargs, **opts)
         return attr, notes
 
     def _attribute_one(self, method: str, baseline: str, target: int, steps: int | str) -> dict[str, Any]:

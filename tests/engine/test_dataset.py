@@ -143,6 +143,23 @@ def test_per_example_targets_and_baselines_are_sliced(tmp_path: Path) -> None:
     assert_same_as(r, nbattr.attribute(m, x, target=t, baseline=b, steps=6))
 
 
+def _scaled(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(x * scale) @ torch.linspace(-1, 1, x.shape[1] * 3).reshape(x.shape[1], 3)
+
+
+@pytest.mark.parametrize("how", ["dict", "callable"])
+def test_per_example_forward_kwargs_are_sliced(tmp_path: Path, how: str) -> None:
+    x, scale = data(7), data(7, seed=3).abs() + 0.5
+    if how == "dict":
+        r = attribute_dataset(_scaled, x, out=tmp_path, chunk_size=3, steps=6, progress=False,
+                              forward_kwargs={"scale": scale})
+    else:
+        items = [{"x": x[i], "scale": scale[i]} for i in range(7)]
+        r = attribute_dataset(_scaled, items, out=tmp_path, chunk_size=3, steps=6, progress=False,
+                              forward_kwargs=lambda b: {"scale": b["scale"]})
+    assert_same_as(r, nbattr.attribute(_scaled, x, steps=6, forward_kwargs={"scale": scale}))
+
+
 def test_several_targets_per_example(tmp_path: Path) -> None:
     m, x = mlp(7), data(7)
     r = attribute_dataset(m, x, out=tmp_path / "top", chunk_size=3, target="top2", steps=6, progress=False)

@@ -205,6 +205,25 @@ def test_text_view_keeps_html_tokens_literal(text_model):
     w.close()
 
 
+def test_text_view_with_a_padding_mask_in_forward_kwargs(text_model):
+    """The mask reaches every model call; the padded tokens get nothing, the sum still adds up."""
+
+    def masked(ids, mask):
+        return text_model.head((torch.tanh(text_model.emb(ids)) * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
+
+    ids, mask = torch.tensor([[3, 7, 11, 0, 0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0, 0.0]])
+    w = Explain(masked, ids, tokens=["a", "b", "c", "[PAD]", "[PAD]"], layer=text_model.emb,
+                forward_kwargs={"mask": mask}, methods=["integrated_gradients", "deeplift"])
+    assert w.wait(30) and w.error == ""
+    m = maps(w)
+    assert np.abs(m[1][3:]).max() == 0 and np.abs(m[1][:3]).max() > 0
+    assert m[1].sum() == pytest.approx(w.receipt["total"], abs=1e-5)
+    assert abs(w.receipt["delta"]) < 1e-2 * abs(w.receipt["fx"] - w.receipt["fbase"])
+    w.method = "deeplift"
+    assert w.wait(30) and w.error == "" and abs(w.receipt["delta"]) < 1e-5
+    w.close()
+
+
 def test_tabular_view(cnn):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).eval()
