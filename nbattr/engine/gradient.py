@@ -12,6 +12,7 @@ results carry a K axis after N.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -493,11 +494,37 @@ def integrated_gradients(p: Problem, *, steps: int | str = 50, rule: str = "gaus
     attributions = _per_target(p, pp.diff) * pp.integral if path is None else pp.integral
     if path is None:
         extra.update(pp.endpoint_outputs())
-    return p.result(
+    r = p.result(
         "integrated_gradients", attributions, completeness=True, uses_baseline=True,
         params={"steps": int(steps), "rule": rule, "path": path_name},
         alphas=alphas, path_outputs=pp.scores, path_gradients=pp.grads, **extra,
     )
+    _warn_if_coarse(r, f"{int(steps)} {rule} steps")
+    return r
+
+
+#: fixed steps: warn where |delta| exceeds this fraction of |F(x) - F(x')| (the widget's red mark)
+COARSE_DELTA = 0.05
+#: the start of that warning (the widget, which marks such a delta itself, leaves it out)
+COARSE_WARNING = "integrated_gradients: |delta| is more than"
+
+
+def _warn_if_coarse(r: Any, what: str) -> None:
+    """A warning naming the examples whose |delta| exceeds :data:`COARSE_DELTA` of |F(x) - F(x')|
+    (with the floor of ``steps="auto"`` where F(x) ~ F(x')): a quadrature too coarse for the path."""
+    if r.delta is None or r.baseline_outputs is None:
+        return
+    fx, fb = r.outputs.double(), r.baseline_outputs.double()
+    scale = torch.maximum((fx - fb).abs(), AUTO_FLOOR * torch.maximum(fx.abs(), fb.abs()))
+    rel = (r.delta.double().abs() / scale.clamp_min(torch.finfo(torch.float64).tiny)).reshape(r.delta.shape[0], -1)
+    worst = rel.amax(1)
+    bad = (worst > COARSE_DELTA).nonzero().flatten().tolist()
+    if bad:
+        shown = ", ".join(f"#{i} {100 * float(worst[i]):.0f}%" for i in bad[:8]) + (", ..." if len(bad) > 8 else "")
+        warn(f"{COARSE_WARNING} {100 * COARSE_DELTA:g}% of |F(x) - F(x')| with {what} "
+             f"(per example: {shown}); the score changes too sharply along the path for so few points: use "
+             "steps='auto' or more steps. (A baseline where the model is degenerate, such as a zero "
+             "embedding into an RMSNorm, may not converge: try another.)")
 
 
 @register(

@@ -118,6 +118,21 @@ class _Capture:
         self.handle.remove()
 
 
+def _sharing(model: Any, layer: nn.Module) -> str:
+    """A hint naming the model's other modules that share ``layer``'s weight (Hugging Face
+    encoder-decoders: ``get_input_embeddings()`` is ``shared``, the encoder calls
+    ``encoder.embed_tokens``), or ""."""
+    w = getattr(layer, "weight", None)
+    if not isinstance(w, Tensor):
+        return ""
+    names = [name for top in modules_of(model) for name, m in top.named_modules()
+             if m is not layer and getattr(m, "weight", None) is w]
+    if not names:
+        return ""
+    return (f" (it shares its weight with {', '.join(names[:6])}, which the model may call instead: "
+            "pass the one whose output is to be attributed)")
+
+
 def _require_tensor(out: Any) -> Tensor:
     """``out`` if the model returned a tensor; else an error naming what it returned and how to
     get the scores out of it (a Hugging Face ``ModelOutput``, a tuple, a dict)."""
@@ -422,7 +437,7 @@ class Problem:
             self.first_tape = mode
             if cap.calls == 0:
                 raise InputError(f"layer {type(self.layer).__name__} was not called by the model's "
-                                 "forward; pass a module that the model uses")
+                                 f"forward; pass a module that the model uses{_sharing(self.model, self.layer)}")
             if cap.calls > 1:
                 raise InputError(f"layer {type(self.layer).__name__} is called {cap.calls} times in "
                                  "one forward; attribute a layer that is called once")

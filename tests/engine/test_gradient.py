@@ -52,6 +52,25 @@ def test_ig_analytic_closed_form_and_delta_shrinks() -> None:
     torch.testing.assert_close(r.baseline_outputs, f(torch.zeros_like(x)))
 
 
+def test_a_coarse_fixed_quadrature_warns_and_names_the_examples() -> None:
+    """F = tanh(x0 x1): right Riemann with 4 steps is far off where the path is steep, exact where F is linear along it."""
+    import warnings
+
+    def model(x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x[:, 0] * x[:, 1])
+
+    x = torch.tensor([[1.0, 0.1], [1.0, 30.0], [2.0, 0.1]])  # only example 1 is steep (0 and 2: tanh(0.1 a))
+    with pytest.warns(UserWarning, match=r"more than 5% of \|F\(x\) - F\(x'\)\| with 4 riemann_right steps "
+                                         r"\(per example: #1 \d+%\).*steps='auto'"):
+        r = nbattr.attribute(model, x, baseline=torch.tensor([0.0, 0.1]).expand(3, 2), steps=4, rule="riemann_right")
+    rel = (r.delta.abs() / (r.outputs - r.baseline_outputs).abs()).tolist()
+    assert rel[1] > 0.05 and rel[0] < 0.05 and rel[2] < 0.05
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nbattr.attribute(model, x, baseline=torch.tensor([0.0, 0.1]).expand(3, 2), steps=64)  # fine: no warning
+        nbattr.attribute(model, x, baseline=torch.tensor([0.0, 0.1]).expand(3, 2), steps="auto")
+
+
 def test_quadrature_weights_sum_to_one_and_integrate_polynomials() -> None:
     for rule in RULES:
         a, w = quadrature(rule, 9)

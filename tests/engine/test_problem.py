@@ -459,3 +459,29 @@ def test_a_model_returning_no_tensor_is_told_how_to_get_the_scores(wrap, hint, s
     for method in ("saliency", "integrated_gradients", "deeplift"):
         with pytest.raises(nbattr.InputError, match=hint):
             nbattr.attribute(model, torch.randn(shape), method=method)
+
+
+class SharedEmbedding(nn.Module):
+    """As Hugging Face's T5 and BART: ``shared`` holds the weight, the encoder calls its own module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Embedding(10, 4)
+        self.encoder = nn.ModuleDict({"embed_tokens": nn.Embedding(10, 4)})
+        self.encoder["embed_tokens"].weight = self.shared.weight
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder["embed_tokens"](ids).mean(1))
+
+
+def test_a_layer_the_model_does_not_call_names_the_modules_sharing_its_weight() -> None:
+    m = SharedEmbedding().double().eval()
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    with pytest.raises(nbattr.InputError, match=r"not called .* shares its weight with encoder.embed_tokens"):
+        nbattr.attribute(m, ids, layer=m.shared)
+    r = nbattr.attribute(m, ids, layer=m.encoder["embed_tokens"], steps=8)
+    assert r.attributions.shape == (2, 3, 4)
+    with pytest.raises(nbattr.InputError, match=r"not called by the model's forward; pass a module that the model "
+                                                r"uses$"):
+        nbattr.attribute(m, ids, layer=nn.Embedding(10, 4))  # no sharing: no hint
