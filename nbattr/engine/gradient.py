@@ -483,10 +483,12 @@ def integrated_gradients(p: Problem, *, steps: int | str = 50, rule: str = "gaus
         reached = r.delta.abs().reshape(p.n, -1).amax(1).tolist()
         r.params["delta_reached"] = reached
         if ad.hit_max:
+            jumps = {i: j for i, j in baseline_jumps(r).items() if i in ad.hit_max}
             warn(
                 f"integrated_gradients(steps='auto'): example(s) {sorted(ad.hit_max)} reached max_steps="
                 f"{max_steps_} with |delta| above tol={tol_:g} x |F(x) - F(x')| (|delta| = "
-                f"{', '.join(f'{reached[i]:.3g}' for i in sorted(ad.hit_max))}); raise max_steps or tol")
+                f"{', '.join(f'{reached[i]:.3g}' for i in sorted(ad.hit_max))}); raise max_steps or tol."
+                + (_jump_advice(jumps) if jumps else ""))
         return r
     alphas, weights = _nodes(p, rule, steps)
     pp = PathPass(p, alphas, weights, keep=keep_path, path=path)
@@ -509,22 +511,60 @@ COARSE_DELTA = 0.05
 COARSE_WARNING = "integrated_gradients: |delta| is more than"
 
 
-def _warn_if_coarse(r: Any, what: str) -> None:
-    """A warning naming the examples whose |delta| exceeds :data:`COARSE_DELTA` of |F(x) - F(x')|
-    (with the floor of ``steps="auto"`` where F(x) ~ F(x')): a quadrature too coarse for the path."""
-    if r.delta is None or r.baseline_outputs is None:
-        return
+#: a jump at the baseline: at least this share of F(x) - F(x') between alpha = 0 and the first
+#: path point when that point lies at alpha <= JUMP_ALPHA
+JUMP_SHARE, JUMP_ALPHA = 0.5, 0.02
+
+
+def _gap_scale(r: Any) -> Tensor:
     fx, fb = r.outputs.double(), r.baseline_outputs.double()
     scale = torch.maximum((fx - fb).abs(), AUTO_FLOOR * torch.maximum(fx.abs(), fb.abs()))
-    rel = (r.delta.double().abs() / scale.clamp_min(torch.finfo(torch.float64).tiny)).reshape(r.delta.shape[0], -1)
+    return scale.clamp_min(torch.finfo(torch.float64).tiny)
+
+
+def baseline_jumps(r: Any) -> dict[int, tuple[float, float]]:
+    """Examples whose score jumps at the baseline: ``{i: (alpha_1, share)}`` where the first path
+    point alpha_1 > 0 of example i lies at alpha <= :data:`JUMP_ALPHA` and F there already differs
+    from F(x') by ``share`` >= :data:`JUMP_SHARE` of |F(x) - F(x')| (worst over targets). A model
+    that normalises an all-zero input (a zero embedding into an RMSNorm, a bias-free convolution
+    into a GroupNorm) does this: the normalisation is scale-invariant for alpha > 0 and its
+    gradient at alpha = 0 is ~1/sqrt(eps) per layer: the score rises within alpha ~ sqrt(eps) / |x|."""
+    a, po = r.alphas, r.path_outputs
+    if a is None or po is None or r.baseline_outputs is None:
+        return {}
+    share = ((po.double() - r.baseline_outputs.double()[None]).abs() / _gap_scale(r)[None])
+    share = share.reshape(po.shape[0], po.shape[1], -1).amax(2)  # (S, N), NaN where an example has no point
+    out: dict[int, tuple[float, float]] = {}
+    positive = (a > 0).tolist()
+    for i in range(po.shape[1]):
+        k = next((k for k, ok in enumerate(positive) if ok and torch.isfinite(share[k, i])), None)
+        if k is not None and float(a[k]) <= JUMP_ALPHA and float(share[k, i]) >= JUMP_SHARE:
+            out[i] = (float(a[k]), float(share[k, i]))
+    return out
+
+
+def _jump_advice(jumps: dict[int, tuple[float, float]]) -> str:
+    shown = ", ".join(f"#{i} {100 * s:.0f}% by alpha = {a:.2g}" for i, (a, s) in list(jumps.items())[:8])
+    return (f" The score jumps at the baseline ({shown} of F(x) - F(x')): the model is degenerate there (it "
+            "normalises an all-zero input, for instance), and the path integral needs a great many points or "
+            "does not converge. Choose another baseline ('blur', 'uniform', 'mean') or use DeepLIFT.")
+
+
+def _warn_if_coarse(r: Any, what: str) -> None:
+    """A warning naming the examples whose |delta| exceeds :data:`COARSE_DELTA` of |F(x) - F(x')|
+    (with the floor of ``steps="auto"`` where F(x) ~ F(x')): a quadrature too coarse for the path,
+    or a path that jumps at the baseline (:func:`baseline_jumps`)."""
+    if r.delta is None or r.baseline_outputs is None:
+        return
+    rel = (r.delta.double().abs() / _gap_scale(r)).reshape(r.delta.shape[0], -1)
     worst = rel.amax(1)
     bad = (worst > COARSE_DELTA).nonzero().flatten().tolist()
     if bad:
         shown = ", ".join(f"#{i} {100 * float(worst[i]):.0f}%" for i in bad[:8]) + (", ..." if len(bad) > 8 else "")
-        warn(f"{COARSE_WARNING} {100 * COARSE_DELTA:g}% of |F(x) - F(x')| with {what} "
-             f"(per example: {shown}); the score changes too sharply along the path for so few points: use "
-             "steps='auto' or more steps. (A baseline where the model is degenerate, such as a zero "
-             "embedding into an RMSNorm, may not converge: try another.)")
+        jumps = {i: j for i, j in baseline_jumps(r).items() if i in bad}
+        advice = (_jump_advice(jumps) if jumps else
+                  " The score changes too sharply along the path for so few points: use steps='auto' or more steps.")
+        warn(f"{COARSE_WARNING} {100 * COARSE_DELTA:g}% of |F(x) - F(x')| with {what} (per example: {shown}).{advice}")
 
 
 @register(

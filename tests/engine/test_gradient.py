@@ -71,6 +71,32 @@ def test_a_coarse_fixed_quadrature_warns_and_names_the_examples() -> None:
         nbattr.attribute(model, x, baseline=torch.tensor([0.0, 0.1]).expand(3, 2), steps="auto")
 
 
+class NormalisedZero(nn.Module):
+    """F(x) = w . x / sqrt(mean(x^2) + eps): an RMSNorm on the input, scale-invariant for x != 0."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = torch.linspace(-1.0, 2.0, x.shape[1], dtype=x.dtype)
+        return (x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + 1e-8)) @ w
+
+
+@pytest.mark.parametrize("steps", [16, "auto"])
+def test_a_jump_at_a_degenerate_baseline_is_named(steps) -> None:
+    """Zero baseline: F rises to F(x) within alpha ~ 1e-4, which IG's points cannot resolve; the
+    warning says so and advises another baseline. A baseline off zero is fine."""
+    import warnings
+
+    from nbattr.engine.gradient import baseline_jumps
+
+    x = torch.tensor([[1.0, -2.0, 0.5, 3.0], [0.3, 0.2, -0.1, 0.4]])
+    with pytest.warns(UserWarning, match=r"The score jumps at the baseline \(#0 \d+% by alpha = .*another baseline"):
+        r = nbattr.attribute(NormalisedZero(), x, steps=steps, baseline="zeros")
+    assert 0 in baseline_jumps(r)  # (auto resolves the wider rise of example 1: 257 points, the first at 4e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = nbattr.attribute(NormalisedZero(), x, steps=steps, baseline=x * 0.3 + 0.5)
+    assert baseline_jumps(r) == {}
+
+
 def test_quadrature_weights_sum_to_one_and_integrate_polynomials() -> None:
     for rule in RULES:
         a, w = quadrature(rule, 9)
