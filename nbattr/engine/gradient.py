@@ -363,6 +363,11 @@ class AdaptivePath:
         self.level[i] *= 2
         return clenshaw_curtis(self.level[i])[0][1::2].tolist()
 
+    def slope0(self) -> Tensor:
+        """The path derivative f'(0) of each example (``(N,)`` or ``(N, K)``): every scheme has alpha = 0."""
+        v = np.stack([self.fprime[i][0.0] for i in range(self.p.n)])  # (N, K)
+        return torch.as_tensor(v).reshape(self.p.outputs.shape)
+
     def weights(self, i: int) -> dict[float, float]:
         """Quadrature weight of each node of example ``i`` (they sum to 1)."""
         if self.scheme == "clenshaw_curtis":
@@ -483,7 +488,7 @@ def integrated_gradients(p: Problem, *, steps: int | str = 50, rule: str = "gaus
         reached = r.delta.abs().reshape(p.n, -1).amax(1).tolist()
         r.params["delta_reached"] = reached
         if ad.hit_max:
-            jumps = {i: j for i, j in baseline_jumps(r).items() if i in ad.hit_max}
+            jumps = {i: j for i, j in baseline_jumps(r, ad.slope0()).items() if i in ad.hit_max}
             warn(
                 f"integrated_gradients(steps='auto'): example(s) {sorted(ad.hit_max)} reached max_steps="
                 f"{max_steps_} with |delta| above tol={tol_:g} x |F(x) - F(x')| (|delta| = "
@@ -501,8 +506,29 @@ def integrated_gradients(p: Problem, *, steps: int | str = 50, rule: str = "gaus
         params={"steps": int(steps), "rule": rule, "path": path_name},
         alphas=alphas, path_outputs=pp.scores, path_gradients=pp.grads, **extra,
     )
-    _warn_if_coarse(r, f"{int(steps)} {rule} steps")
+    _warn_if_coarse(r, f"{int(steps)} {rule} steps", lambda: _slope_at_baseline(p, r) if path is None else None)
     return r
+
+
+def _slope_at_baseline(p: Problem, r: Any) -> Tensor:
+    """f'(0) = grad F(x') . (x - x') per example (and target): from the kept path gradients when
+    the path starts at alpha = 0, else one gradient pass at the baselines (only a warning needs it)."""
+    diff = _per_target(p, p.inputs - p.baselines)
+    dims = 2 if p.multi else 1
+    if r.path_gradients is not None and float(r.alphas[0]) == 0.0:
+        return (r.path_gradients[0] * diff).flatten(dims).sum(-1)
+    out = torch.empty(p.outputs.shape, dtype=p.inputs.dtype, device=p.device)
+
+    def points(idx: Tensor) -> tuple[Tensor, Tensor]:
+        return p.baselines[idx], idx
+
+    def consume(idx: Tensor, _rows: Tensor, _s: Tensor, g: Tensor) -> None:
+        out[idx] = (g * diff[idx]).flatten(dims).sum(-1)
+
+    chunks = p.stats.get("chunks")
+    p.gradient_pass(p.n, points, consume)
+    p.stats["chunks"] = chunks
+    return out
 
 
 #: fixed steps: warn where |delta| exceeds this fraction of |F(x) - F(x')| (the widget's red mark)
@@ -512,8 +538,9 @@ COARSE_WARNING = "integrated_gradients: |delta| is more than"
 
 
 #: a jump at the baseline: at least this share of F(x) - F(x') between alpha = 0 and the first
-#: path point when that point lies at alpha <= JUMP_ALPHA
-JUMP_SHARE, JUMP_ALPHA = 0.5, 0.02
+#: path point when that point lies at alpha <= JUMP_ALPHA; or a path derivative at alpha = 0 that
+#: would cover |F(x) - F(x')| within alpha = JUMP_WIDTH
+JUMP_SHARE, JUMP_ALPHA, JUMP_WIDTH = 0.5, 0.02, 1e-3
 
 
 def _gap_scale(r: Any) -> Tensor:
@@ -522,35 +549,49 @@ def _gap_scale(r: Any) -> Tensor:
     return scale.clamp_min(torch.finfo(torch.float64).tiny)
 
 
-def baseline_jumps(r: Any) -> dict[int, tuple[float, float]]:
-    """Examples whose score jumps at the baseline: ``{i: (alpha_1, share)}`` where the first path
-    point alpha_1 > 0 of example i lies at alpha <= :data:`JUMP_ALPHA` and F there already differs
-    from F(x') by ``share`` >= :data:`JUMP_SHARE` of |F(x) - F(x')| (worst over targets). A model
-    that normalises an all-zero input (a zero embedding into an RMSNorm, a bias-free convolution
-    into a GroupNorm) does this: the normalisation is scale-invariant for alpha > 0 and its
-    gradient at alpha = 0 is ~1/sqrt(eps) per layer: the score rises within alpha ~ sqrt(eps) / |x|."""
+def baseline_jumps(r: Any, slope0: Tensor | None = None) -> dict[int, float]:
+    """Examples whose score jumps at the baseline, each with the alpha by which it has risen:
+    ``{i: alpha}``. Either the first path point alpha_1 > 0 lies at alpha <= :data:`JUMP_ALPHA`
+    and F there already differs from F(x') by :data:`JUMP_SHARE` of |F(x) - F(x')| or more
+    (``alpha`` is alpha_1), or the path derivative at alpha = 0, ``slope0`` ``(N,)``/``(N, K)``
+    when the path has that point, is so steep that it covers |F(x) - F(x')| within
+    :data:`JUMP_WIDTH` (``alpha`` is |F(x) - F(x')| / |f'(0)|); worst over targets. A model that
+    normalises an all-zero input (a zero embedding into an RMSNorm, a bias-free convolution into
+    a GroupNorm) does this: the normalisation is scale-invariant for alpha > 0 and its gradient at
+    alpha = 0 is ~1/sqrt(eps) per layer, so the score rises within alpha ~ sqrt(eps) / |x|. (On
+    EfficientNet-Lite0 photos with black, blurred or noise baselines, |f'(0)| / |F(x) - F(x')| is
+    0.02-3, far from 1 / JUMP_WIDTH.)"""
     a, po = r.alphas, r.path_outputs
     if a is None or po is None or r.baseline_outputs is None:
         return {}
-    share = ((po.double() - r.baseline_outputs.double()[None]).abs() / _gap_scale(r)[None])
-    share = share.reshape(po.shape[0], po.shape[1], -1).amax(2)  # (S, N), NaN where an example has no point
-    out: dict[int, tuple[float, float]] = {}
+    scale = _gap_scale(r)
+    n = po.shape[1]
+    out: dict[int, float] = {}
+    if slope0 is not None:
+        width = (scale / slope0.double().abs().clamp_min(torch.finfo(torch.float64).tiny)).reshape(n, -1).amin(1)
+        out.update({i: float(width[i]) for i in range(n) if float(width[i]) <= JUMP_WIDTH})
+    share = ((po.double() - r.baseline_outputs.double()[None]).abs() / scale[None])
+    share = share.reshape(po.shape[0], n, -1).amax(2)  # (S, N), NaN where an example has no point
     positive = (a > 0).tolist()
-    for i in range(po.shape[1]):
+    for i in range(n):
         k = next((k for k, ok in enumerate(positive) if ok and torch.isfinite(share[k, i])), None)
-        if k is not None and float(a[k]) <= JUMP_ALPHA and float(share[k, i]) >= JUMP_SHARE:
-            out[i] = (float(a[k]), float(share[k, i]))
+        if i not in out and k is not None and float(a[k]) <= JUMP_ALPHA and float(share[k, i]) >= JUMP_SHARE:
+            out[i] = float(a[k])
     return out
 
 
-def _jump_advice(jumps: dict[int, tuple[float, float]]) -> str:
-    shown = ", ".join(f"#{i} {100 * s:.0f}% by alpha = {a:.2g}" for i, (a, s) in list(jumps.items())[:8])
-    return (f" The score jumps at the baseline ({shown} of F(x) - F(x')): the model is degenerate there (it "
-            "normalises an all-zero input, for instance), and the path integral needs a great many points or "
-            "does not converge. Choose another baseline ('blur', 'uniform', 'mean') or use DeepLIFT.")
+#: the words that start :func:`_jump_advice` in a warning
+JUMP_WARNING = "The score jumps at the baseline"
 
 
-def _warn_if_coarse(r: Any, what: str) -> None:
+def _jump_advice(jumps: dict[int, float]) -> str:
+    shown = ", ".join(f"#{i} by alpha ~ {a:.1g}" for i, a in list(jumps.items())[:8])
+    return (f" {JUMP_WARNING} (it covers F(x) - F(x') for example {shown}): the model is degenerate there "
+            "(it normalises an all-zero input, for instance), and the path integral needs a great many points "
+            "or does not converge. Choose another baseline ('blur', 'uniform', 'mean') or use DeepLIFT.")
+
+
+def _warn_if_coarse(r: Any, what: str, slope0: Callable[[], Tensor | None] | None = None) -> None:
     """A warning naming the examples whose |delta| exceeds :data:`COARSE_DELTA` of |F(x) - F(x')|
     (with the floor of ``steps="auto"`` where F(x) ~ F(x')): a quadrature too coarse for the path,
     or a path that jumps at the baseline (:func:`baseline_jumps`)."""
@@ -561,7 +602,8 @@ def _warn_if_coarse(r: Any, what: str) -> None:
     bad = (worst > COARSE_DELTA).nonzero().flatten().tolist()
     if bad:
         shown = ", ".join(f"#{i} {100 * float(worst[i]):.0f}%" for i in bad[:8]) + (", ..." if len(bad) > 8 else "")
-        jumps = {i: j for i, j in baseline_jumps(r).items() if i in bad}
+        jumps = {i: j for i, j in baseline_jumps(r, slope0() if slope0 is not None else None).items()
+                 if i in bad}
         advice = (_jump_advice(jumps) if jumps else
                   " The score changes too sharply along the path for so few points: use steps='auto' or more steps.")
         warn(f"{COARSE_WARNING} {100 * COARSE_DELTA:g}% of |F(x) - F(x')| with {what} (per example: {shown}).{advice}")

@@ -224,6 +224,27 @@ def test_text_view_with_a_padding_mask_in_forward_kwargs(text_model):
     w.close()
 
 
+def test_receipt_notes_a_jump_at_the_baseline_but_not_a_plain_coarse_delta(text_model):
+    """An RMSNorm over the embeddings with a zero baseline: more steps do not help, so the note stays;
+    a merely coarse delta is left to the receipt's red mark."""
+
+    def normed(ids):
+        h = text_model.emb(ids)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-10)
+        return text_model.head(torch.tanh(h).mean(1))
+
+    ids = torch.tensor([3, 7, 11, 2])
+    w = Explain(normed, ids, tokens=list("abcd"), layer=text_model.emb, steps=8, methods=["integrated_gradients"])
+    assert w.wait(30) and w.error == ""
+    assert any("jumps at the baseline" in n for n in w.receipt["notes"]), w.receipt["notes"]
+    w.close()
+    w = Explain(text_model, ids, tokens=list("abcd"), layer=text_model.emb, steps=2, methods=["integrated_gradients"])
+    assert w.wait(30) and w.error == ""
+    assert abs(w.receipt["delta"]) > 0.05 * abs(w.receipt["fx"] - w.receipt["fbase"])  # coarse: red in the page
+    assert not any("more than 5%" in n for n in w.receipt["notes"]), w.receipt["notes"]
+    w.close()
+
+
 def test_tabular_view(cnn):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).eval()
