@@ -510,25 +510,13 @@ def integrated_gradients(p: Problem, *, steps: int | str = 50, rule: str = "gaus
     return r
 
 
-def _slope_at_baseline(p: Problem, r: Any) -> Tensor:
-    """f'(0) = grad F(x') . (x - x') per example (and target): from the kept path gradients when
-    the path starts at alpha = 0, else one gradient pass at the baselines (only a warning needs it)."""
+def _slope_at_baseline(p: Problem, r: Any) -> Tensor | None:
+    """f'(0) = grad F(x') . (x - x') per example (and target), from the kept path gradients when the
+    path starts at alpha = 0 (the widget's frames); else None (no extra model call for a warning)."""
+    if r.path_gradients is None or float(r.alphas[0]) != 0.0:
+        return None
     diff = _per_target(p, p.inputs - p.baselines)
-    dims = 2 if p.multi else 1
-    if r.path_gradients is not None and float(r.alphas[0]) == 0.0:
-        return (r.path_gradients[0] * diff).flatten(dims).sum(-1)
-    out = torch.empty(p.outputs.shape, dtype=p.inputs.dtype, device=p.device)
-
-    def points(idx: Tensor) -> tuple[Tensor, Tensor]:
-        return p.baselines[idx], idx
-
-    def consume(idx: Tensor, _rows: Tensor, _s: Tensor, g: Tensor) -> None:
-        out[idx] = (g * diff[idx]).flatten(dims).sum(-1)
-
-    chunks = p.stats.get("chunks")
-    p.gradient_pass(p.n, points, consume)
-    p.stats["chunks"] = chunks
-    return out
+    return (r.path_gradients[0] * diff).flatten(2 if p.multi else 1).sum(-1)
 
 
 #: fixed steps: warn where |delta| exceeds this fraction of |F(x) - F(x')| (the widget's red mark)

@@ -79,7 +79,7 @@ class NormalisedZero(nn.Module):
         return (x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + 1e-8)) @ w
 
 
-@pytest.mark.parametrize("steps", [4, 16, "auto"])  # 4: the first point at alpha = 0.07; the slope at 0 tells
+@pytest.mark.parametrize("steps", [4, 16, "auto"])
 def test_a_jump_at_a_degenerate_baseline_is_named(steps) -> None:
     """Zero baseline: F rises to F(x) within alpha ~ 1e-4, which IG's points cannot resolve; the
     warning says so and advises another baseline. A baseline off zero is fine."""
@@ -88,15 +88,17 @@ def test_a_jump_at_a_degenerate_baseline_is_named(steps) -> None:
     from nbattr.engine.gradient import baseline_jumps
 
     x = torch.tensor([[1.0, -2.0, 0.5, 3.0], [0.3, 0.2, -0.1, 0.4]])
+    # 4 trapezoid steps: the first point at alpha = 0.25; the slope at alpha = 0 (a kept path point) tells
+    opts = {"rule": "riemann_trapezoid", "keep_path": True} if steps == 4 else {}
     with pytest.warns(UserWarning, match=r"The score jumps at the baseline \(it covers F\(x\) - F\(x'\) for example "
                                          r"#0 by alpha ~ [0-9.e-]+.*another baseline"):
-        r = nbattr.attribute(NormalisedZero(), x, steps=steps, baseline="zeros")
+        r = nbattr.attribute(NormalisedZero(), x, steps=steps, baseline="zeros", **opts)
     if steps != 4:  # from the path points alone (with 4 steps only the slope at alpha = 0 shows it)
         assert 0 in baseline_jumps(r)  # (auto resolves the wider rise of example 1: 257 points, the first at 4e-5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        r = nbattr.attribute(NormalisedZero(), x, steps=steps, baseline=x * 0.3 + 0.5)
-    assert baseline_jumps(r) == {}
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        r = nbattr.attribute(NormalisedZero(), x, steps=steps, baseline=x * 0.3 + 0.5, **opts)
+    assert baseline_jumps(r) == {} and not any("jumps" in str(w.message) for w in seen)  # 4 steps: coarse only
 
 
 def test_quadrature_weights_sum_to_one_and_integrate_polynomials() -> None:
