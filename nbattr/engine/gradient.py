@@ -21,7 +21,7 @@ from torch import Tensor
 from .batching import warn
 from .errors import InputError
 from .paths import clenshaw_curtis, quadrature
-from .problem import Problem, score_gradient
+from .problem import Problem, accumulation_dtype, score_gradient
 from .registry import measures_first_forward, multi_target, register
 
 
@@ -91,7 +91,8 @@ class PathPass:
         self.p, self.alphas, self.weights, self.keep, self.path = p, alphas, weights, keep, path
         s = alphas.shape[0]
         shape = _grad_shape(p)  # (N, ...) or (N, K, ...)
-        self.integral = torch.zeros(shape, dtype=p.inputs.dtype, device=p.device)  # sum_k w_k grad_k (* dgamma_k)
+        # sum_k w_k grad_k (* dgamma_k)
+        self.integral = torch.zeros(shape, dtype=accumulation_dtype(p.inputs.dtype), device=p.device)
         self.scores = torch.empty(s, *p.outputs.shape, dtype=p.outputs.dtype, device=p.device)
         self.grads = torch.empty(s, *shape, dtype=p.inputs.dtype, device=p.device) if keep else None
         self._chunk_derivative: Tensor | None = None
@@ -118,6 +119,7 @@ class PathPass:
             self.scores[k, rows] = s
             if self.keep:
                 self.grads[k, rows] = g
+            g = g.to(self.integral.dtype)  # (a no-op but for the half precisions)
             w = _col(self.weights[k], g)
             if self.path is not None:
                 g = g * _per_target(p, self._chunk_derivative)
@@ -160,7 +162,7 @@ def custom_path_points(p: Problem, path: Callable[[Tensor], Tensor], alphas: Ten
 def _nodes(p: Problem, rule: str, steps: int) -> tuple[Tensor, Tensor]:
     a, w = quadrature(rule, steps)
     return (torch.as_tensor(a, dtype=p.inputs.dtype, device=p.device),
-            torch.as_tensor(w, dtype=p.inputs.dtype, device=p.device))
+            torch.as_tensor(w, dtype=accumulation_dtype(p.inputs.dtype), device=p.device))
 
 
 #: ``steps="auto"``: default tolerance on |delta| relative to |F(x) - F(x')|
@@ -173,6 +175,10 @@ AUTO_FIRST_PANELS = 2
 AUTO_FLOOR = 1e-2
 #: ``steps="auto"``: the nested schemes, the default first; ``rule=`` picks one
 AUTO_RULES = ("clenshaw_curtis", "adaptive_simpson")
+#: |delta| below this many units of rounding (eps of the scores' dtype) of max(|F(x)|, |F(x')|) is
+#: rounding, not quadrature error: the floor of ``steps="auto"``'s goal and of the coarse warning
+#: (it matters for the half precisions: 8 eps is 3% of |F| in bfloat16, 1e-6 of it in float32)
+ROUNDING_ULPS = 8
 
 
 class AdaptivePath:
@@ -238,8 +244,10 @@ class AdaptivePath:
         fx = self.p.outputs.double().cpu().reshape(self.p.n, -1).numpy()  # (N, K)
         fb = baseline_outputs.double().cpu().reshape(self.p.n, -1).numpy()
         self.gap = fx - fb
-        scale = np.maximum(np.abs(self.gap), AUTO_FLOOR * np.maximum(np.abs(fx), np.abs(fb)))
-        self.thr = self.tol * scale  # (N, K)
+        big = np.maximum(np.abs(fx), np.abs(fb))
+        scale = np.maximum(np.abs(self.gap), AUTO_FLOOR * big)
+        rounding = ROUNDING_ULPS * torch.finfo(self.p.outputs.dtype).eps * big
+        self.thr = np.maximum(self.tol * scale, rounding)  # (N, K)
 
     # -- one gradient pass over the new (alpha, example) pairs of a round ----------------------
     def _evaluate(self, alphas: list[float], rows: list[int]) -> None:
@@ -251,7 +259,8 @@ class AdaptivePath:
         grads = torch.empty((m, *shape), dtype=p.inputs.dtype, device=p.device)
         ders = torch.empty((m, *p.inputs.shape[1:]), dtype=p.inputs.dtype, device=p.device) if self.path else None
         scores = torch.empty((m, *p.outputs.shape[1:]), dtype=p.outputs.dtype, device=p.device)
-        fprime = torch.empty_like(scores, dtype=p.inputs.dtype)
+        acc = accumulation_dtype(p.inputs.dtype)
+        fprime = torch.empty_like(scores, dtype=acc)
 
         def points(idx: Tensor) -> tuple[Tensor, Tensor]:
             rr = rows_t[idx]
@@ -265,7 +274,7 @@ class AdaptivePath:
             scores[idx] = sc
             grads[idx] = g
             direction = self.diff[rr] if self.path is None else ders[idx]
-            fprime[idx] = (g * _per_target(p, direction)).flatten(2 if p.multi else 1).sum(-1)
+            fprime[idx] = (g.to(acc) * _per_target(p, direction)).flatten(2 if p.multi else 1).sum(-1)
 
         p.stats.pop("chunks", None)
         p.gradient_pass(m, points, consume, reuse_probe=True)
@@ -383,14 +392,14 @@ class AdaptivePath:
     def finish(self) -> tuple[Tensor, dict]:
         """The attributions and the result's path fields (alphas, path_outputs, path_gradients)."""
         p = self.p
-        integral = torch.zeros(_grad_shape(p), dtype=p.inputs.dtype, device=p.device)
+        integral = torch.zeros(_grad_shape(p), dtype=accumulation_dtype(p.inputs.dtype), device=p.device)
         wr = [torch.zeros(len(rd["alphas"]), dtype=torch.float64) for rd in self.rounds]
         for i in range(p.n):
             for node, w in self.weights(i).items():
                 r, j = self.where[i][node]
                 wr[r][j] = w
         for rd, w in zip(self.rounds, wr):
-            g = rd["grads"]
+            g = rd["grads"].to(integral.dtype)
             if self.path is not None:
                 g = g * _per_target(p, rd["ders"])
             integral.index_add_(0, rd["rows"], g * _col(w.to(g.dtype).to(p.device), g))
@@ -585,8 +594,11 @@ def _warn_if_coarse(r: Any, what: str, slope0: Callable[[], Tensor | None] | Non
     or a path that jumps at the baseline (:func:`baseline_jumps`)."""
     if r.delta is None or r.baseline_outputs is None:
         return
+    big = torch.maximum(r.outputs.double().abs(), r.baseline_outputs.double().abs())
+    rounding = ROUNDING_ULPS * torch.finfo(r.outputs.dtype).eps * big  # below it: rounding, not quadrature
     rel = (r.delta.double().abs() / _gap_scale(r)).reshape(r.delta.shape[0], -1)
-    worst = rel.amax(1)
+    off = (r.delta.double().abs() > torch.maximum(COARSE_DELTA * _gap_scale(r), rounding)).reshape(rel.shape)
+    worst = torch.where(off, rel, torch.zeros_like(rel)).amax(1)
     bad = (worst > COARSE_DELTA).nonzero().flatten().tolist()
     if bad:
         shown = ", ".join(f"#{i} {100 * float(worst[i]):.0f}%" for i in bad[:8]) + (", ..." if len(bad) > 8 else "")
@@ -655,13 +667,14 @@ def smoothgrad(p: Problem, *, samples: int = 50, noise_level: float = 0.15, vari
     n, x = p.n, p.inputs
     flat = x.flatten(1)
     sigma = noise_level * (flat.max(1).values - flat.min(1).values)
-    total1 = torch.zeros(_grad_shape(p), dtype=x.dtype, device=p.device)
+    total1 = torch.zeros(_grad_shape(p), dtype=accumulation_dtype(x.dtype), device=p.device)
     total2 = torch.zeros_like(total1)
 
     def noise(k: int) -> Tensor:
         # Noise of sample k for all examples: the same whatever the chunking.
         g = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + k)
-        return torch.randn(x.shape, generator=g, device=p.device, dtype=x.dtype)
+        # drawn in float32 for the half precisions: the same noise, rounded, as for a float32 input
+        return torch.randn(x.shape, generator=g, device=p.device, dtype=accumulation_dtype(x.dtype)).to(x.dtype)
 
     def points(idx: Tensor) -> tuple[Tensor, Tensor]:
         k, rows = idx // n, idx % n
@@ -672,6 +685,7 @@ def smoothgrad(p: Problem, *, samples: int = 50, noise_level: float = 0.15, vari
         return x[rows] + p.expand(sigma[rows], len(idx)) * eps, rows
 
     def consume(_idx: Tensor, rows: Tensor, _s: Tensor, g: Tensor) -> None:
+        g = g.to(total1.dtype)
         total1.index_add_(0, rows, g)
         total2.index_add_(0, rows, g * g)
 

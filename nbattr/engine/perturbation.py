@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .errors import InputError
-from .problem import Problem
+from .problem import Problem, accumulation_dtype
 from .registry import register
 
 WindowSpec = int | Sequence[int] | None
@@ -228,7 +228,7 @@ def occlusion(p: Problem, *, window: WindowSpec = None, stride: WindowSpec = Non
         per = ((a.unsqueeze(0) >= starts) & (a.unsqueeze(0) < starts + w)).sum(0).to(x.dtype)
         cover = cover * per.view(*([1] * d), -1, *([1] * (len(shape) - d - 1)))
 
-    total = torch.zeros_like(x)
+    total = torch.zeros_like(x, dtype=accumulation_dtype(x.dtype))
 
     # Flat point index i is window i // N of example i % N.
     def points(idx: Tensor) -> tuple[Tensor, Tensor]:
@@ -237,8 +237,8 @@ def occlusion(p: Problem, *, window: WindowSpec = None, stride: WindowSpec = Non
         return torch.where(mask, fill_t[rows], x[rows]), rows
 
     def consume(idx: Tensor, rows: Tensor, s: Tensor) -> None:
-        drop = (p.outputs[rows] - s).to(x.dtype)
-        mask = _outer_and(dim_masks(idx // n)).to(x.dtype)
+        drop = (p.outputs[rows] - s).to(total.dtype)
+        mask = _outer_and(dim_masks(idx // n)).to(total.dtype)
         total.index_add_(0, rows, mask * p.expand(drop, len(rows)))
 
     p.eval_pass(n_windows * n, points, consume)
@@ -383,9 +383,9 @@ def shapley_sampling(p: Problem, *, permutations: int = 25, feature_mask: object
 
     marginal = values[:, :, 1:] - values[:, :, :-1]  # (P, N, G): step t adds group order[k, t]
     order = torch.argsort(ranks, dim=1)  # (P, G): the group added at each step
-    phi = torch.zeros(n, groups, dtype=x.dtype, device=dev)
+    phi = torch.zeros(n, groups, dtype=accumulation_dtype(x.dtype), device=dev)
     for k in range(permutations):
-        phi.index_add_(1, order[k], marginal[k])
+        phi.index_add_(1, order[k], marginal[k].to(phi.dtype))
     phi = phi / permutations
     sizes = torch.zeros(n, groups, dtype=x.dtype, device=dev)
     sizes.scatter_add_(1, flat_lab, torch.ones_like(flat_lab, dtype=x.dtype))
