@@ -197,8 +197,10 @@ function render({ model, el }) {
     for (const n of r.notes || []) receipt.appendChild(div("nbattr-note", `⚠ ${n}`)); // text, never HTML
     const bad = Object.entries(r.unsupported || {});
     if (bad.length) {
-      const badge = div("nbattr-badge", `⚠ ${bad.length} operation(s) without a rule`);
-      badge.title = bad.map(([k, v]) => `${k} ×${v}`).join(", ");
+      // the operations by name (text, never HTML); the engine's warning, with its consequence, on hover
+      const names = bad.map(([k, v]) => `${k} ×${v}`).join(", ");
+      const badge = div("nbattr-badge", `⚠ no rule for ${names}: plain gradient there`);
+      badge.title = r.unsupported_note || `no rule for ${names}; plain gradient used`;
       receipt.appendChild(badge);
     }
   }

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from ..engine.rules import NO_RULE
+
 
 def _np(t: Any) -> np.ndarray:
     return t.detach().cpu().double().numpy()
@@ -64,6 +66,10 @@ def build(attr: Any, kind: str, label: str | None = None, notes: list[str] | Non
     fx = float(attr.outputs[0])
     fb = None if attr.baseline_outputs is None else float(attr.baseline_outputs[0])
     total = float(a[0].sum())
+    notes = list(dict.fromkeys(str(n) for n in notes or ()))
+    unsupported = {str(k): int(v) for k, v in (attr.unsupported or {}).items()}
+    # the warning about operations without a rule becomes the badge's hover text (the badge lists them)
+    rule_notes = [n for n in notes if unsupported and n.startswith(f"{attr.method}: {NO_RULE} ")]
     out["receipt"] = {
         "method": attr.method,
         "target": int(attr.target[0]),
@@ -73,10 +79,11 @@ def build(attr: Any, kind: str, label: str | None = None, notes: list[str] | Non
         "total": total,
         "delta": None if attr.delta is None else float(attr.delta[0]),
         "gap": None if fb is None else fx - fb,
-        "unsupported": {str(k): int(v) for k, v in (attr.unsupported or {}).items()},
+        "unsupported": unsupported,
+        "unsupported_note": rule_notes[0] if rule_notes else None,
         "steps": _steps_used(attr),
         "auto": "tol" in attr.params,  # the engine chose the steps (steps="auto")
-        "notes": list(dict.fromkeys(str(n) for n in notes or ())),
+        "notes": [n for n in notes if n not in rule_notes],
         "params": {k: v for k, v in attr.params.items() if isinstance(v, (int, float, str, bool, type(None)))},
     }
     if attr.path_gradients is not None and attr.path_outputs is not None and attr.baselines is not None:

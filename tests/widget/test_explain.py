@@ -245,6 +245,24 @@ def test_receipt_notes_a_jump_at_the_baseline_but_not_a_plain_coarse_delta(text_
     w.close()
 
 
+def test_operations_without_a_rule_are_one_badge_not_also_a_note():
+    """The receipt lists them once: the badge (by name), with the engine's warning as its hover text."""
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(4, 3)
+
+    def model(x):
+        return lin(torch.cumprod(torch.tanh(x), -1))  # cumprod has no DeepLIFT rule
+
+    w = Explain(model, torch.randn(4), feature_names=list("abcd"), methods=["deeplift"])
+    assert w.wait(30) and w.error == ""
+    r = w.receipt
+    assert r["unsupported"] == {"cumprod": 1}
+    assert r["unsupported_note"].startswith("deeplift: no rule for cumprod")
+    assert "completeness may not hold" in r["unsupported_note"]
+    assert not any("no rule" in n for n in r["notes"])
+    w.close()
+
+
 def test_tabular_view(cnn):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).eval()
