@@ -1580,12 +1580,16 @@ class _Replay(TorchFunctionMode):
     def _composite(self, comp: _Composite, func: Any, op: _Op, args: tuple, kwargs: dict,
                    leaves: list[Any], spec: Any, entry: _TapeEntry | None) -> Any:
         """Run a decomposition (:data:`COMPOSITES`): with DeepLIFT, first at the reference (taped
-        by a nested :class:`_Recorder`), then at the input (a nested :class:`_Replay`)."""
-        if _written_tensor(func, op, args, kwargs) is not None:
+        by a nested :class:`_Recorder`), then at the input (a nested :class:`_Replay`). An in-place
+        call on its first argument (``w /= w.sum(-1, keepdim=True)``) is decomposed out of place
+        and its result copied into that argument, as for a product."""
+        written = _written_tensor(func, op, args, kwargs)
+        inplace = written is not None and op.inplace and bool(args) and args[0] is written
+        if written is not None and not inplace:
             self._report(op.name)
             return func(*args, **kwargs)
         with torch.no_grad():
-            fused = func(*args, **kwargs)
+            fused = func(args[0].clone(), *args[1:], **kwargs) if inplace else func(*args, **kwargs)
         parsed = comp.parse(func, args, kwargs)
         if self.tape is not None:
             assert entry is not None
@@ -1608,6 +1612,9 @@ class _Replay(TorchFunctionMode):
         out = _attach(fused, dec)
         if comp.gate:
             self.mark_gate(out)
+        if inplace:
+            written.copy_(out)
+            return written
         return out
 
     def _product(self, func: Any, op: _Op, args: tuple, kwargs: dict, leaves: list[Any], spec: Any,

@@ -1280,3 +1280,35 @@ def test_tiny_hugging_face_vision_models_conserve(arch):
     x = torch.rand(2, 3, s, s)
     r = deeplift(lambda z: model(pixel_values=z).logits, x, "blur")
     assert_conserves(r, 1e-9)  # float64; measured <= 1.2e-15 with |F(x) - F(x')| from 0.01 to 1.1
+
+
+class InPlaceNormalise(nn.Module):
+    """Routing weights normalised in place, as Hugging Face's Mixtral does: ``w /= w.sum(...)``."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.lin, self.out = nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        w = torch.sigmoid(self.lin(x))
+        if self.how == "itruediv":
+            w /= w.sum(-1, keepdim=True)
+        elif self.how == "div_":
+            w.div_(w.sum(-1, keepdim=True) + 1.0)
+        else:
+            w = w / w.sum(-1, keepdim=True)
+        return self.out(w * torch.tanh(self.lin(x)))
+
+
+@pytest.mark.parametrize("how", ["itruediv", "div_"])
+def test_in_place_division_of_two_varying_tensors_is_the_division_rule(how):
+    torch.manual_seed(13)
+    model = InPlaceNormalise(how).eval()
+    x, x0 = torch.randn(4, 5), torch.randn(4, 5)
+    r = deeplift(model, x, x0)
+    assert_conserves(r, 1e-9)
+    if how == "itruediv":  # the same multipliers as written out of place
+        plain = InPlaceNormalise("plain").eval()
+        plain.load_state_dict(model.state_dict())
+        torch.testing.assert_close(r.attributions, deeplift(plain, x, x0).attributions, rtol=1e-12, atol=1e-12)
