@@ -42,3 +42,29 @@ def test_oom_halving_on_cuda() -> None:
 
     run_chunked(10, work, batch_size=10, device=torch.device("cuda"))
     assert sum(seen) == 10
+
+
+def test_per_example_forward_kwargs_follow_the_model_to_cuda() -> None:
+    """A CPU mask is moved to the CUDA model and indexed there with the rows."""
+    torch.manual_seed(2)
+    lin = torch.nn.Linear(5, 3).double()
+
+    def model(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return lin(x * scale)
+
+    x, scale = torch.randn(4, 5, dtype=torch.float64), torch.rand(4, 5, dtype=torch.float64)
+    cpu = nbattr.attribute(model, x, steps=8, forward_kwargs={"scale": scale})
+    lin.cuda()
+    gpu = nbattr.attribute(model, x.cuda(), steps=8, forward_kwargs={"scale": scale})
+    torch.testing.assert_close(gpu.attributions.cpu(), cpu.attributions, rtol=1e-9, atol=1e-12)
+
+
+def test_bfloat16_on_cuda_sums_in_float32() -> None:
+    """IG of a bfloat16 linear model on CUDA: within one unit of bfloat16's last place of w * x."""
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(64, 3).to(device="cuda", dtype=torch.bfloat16).eval()
+    x = torch.randn(8, 64, device="cuda").bfloat16()
+    r = nbattr.attribute(lin, x, steps=64, target=0)
+    assert r.attributions.dtype == torch.bfloat16 and r.delta.dtype == torch.bfloat16
+    exact = lin.weight[0].double() * x.double()
+    assert ((r.attributions.double() - exact).abs() / (exact.abs() * 2.0**-8)).max() <= 1.0
