@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .errors import InputError
 from .problem import Problem, accumulation_dtype
-from .registry import register
+from .registry import measures_first_forward, register
 
 WindowSpec = int | Sequence[int] | None
 
@@ -169,6 +169,7 @@ def _outer_and(masks: list[Tensor]) -> Tensor:
     "covering each element (Zeiler & Fergus 2014).",
     needs_baseline=True,
 )
+@measures_first_forward  # the widest activation per row bounds a CPU chunk (batching.cpu_row_cap)
 def occlusion(p: Problem, *, window: WindowSpec = None, stride: WindowSpec = None,
               fill: float | None = None) -> object:
     """Occlusion (Zeiler & Fergus 2014), as computed by Captum's ``Occlusion``.
@@ -314,6 +315,7 @@ def permutation_ranks(permutations: int, groups: int, seed: int) -> Tensor:
     "Kononenko 2010); sums exactly to F(x) - F(x').",
     completeness=True, needs_baseline=True,
 )
+@measures_first_forward
 def shapley_sampling(p: Problem, *, permutations: int = 25, feature_mask: object = None,
                      seed: int = 0) -> object:
     """Shapley value sampling over groups of elements, starting from the baseline.

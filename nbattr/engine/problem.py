@@ -323,6 +323,8 @@ class Problem:
         #: ``PROBE_ROWS`` examples, ``batch_size="auto"``, input attribution: the first forward
         #: runs with grad and counts them), so the gradient passes need no probe chunk
         self.saved_row_bytes: int | None = None
+        #: bytes per example of the widest activation that forward saved (CPU chunks keep it in cache)
+        self.saved_row_largest: int | None = None
         self.device = model_device(model, x.device)
         self.batch_size = batch_size
         self.stats: dict[str, Any] = {}
@@ -418,7 +420,7 @@ class Problem:
     def _first_forward_once(self, x: Tensor, layout: torch.memory_format, few: bool,
                             plain: bool = False) -> tuple[Tensor, Tensor]:
         mode = self._record() if self._record is not None and few else None
-        self.first_tape = self.first_graph = self.saved_row_bytes = None
+        self.first_tape = self.first_graph = self.saved_row_bytes = self.saved_row_largest = None
         # ``measure``: run with grad and count what autograd saves (the weights are not per row)
         measure = self._measure and mode is None and few and self.batch_size == "auto" and not plain
         counter = StorageBytes(model_storages(self.model)) if measure else None
@@ -434,6 +436,7 @@ class Problem:
                         out = _require_tensor(self._call(leaf.clone(memory_format=layout)))
                     if counter is not None:
                         self.saved_row_bytes = max(1, counter.bytes // x.shape[0])
+                        self.saved_row_largest = max(1, counter.largest // x.shape[0])
                     if keep:
                         self.first_graph = (leaf, out)
                     return out.detach(), x
@@ -452,6 +455,7 @@ class Problem:
                 out = out.detach()
                 if cap.calls == 1:
                     self.saved_row_bytes = max(1, counter.bytes // x.shape[0])
+                    self.saved_row_largest = max(1, counter.largest // x.shape[0])
             self.first_tape = mode
             if cap.calls == 0:
                 raise InputError(f"layer {type(self.layer).__name__} was not called by the model's "
@@ -682,6 +686,7 @@ class Problem:
             per_row = self.saved_row_bytes + row_bytes  # measured by the first forward
         run_chunked(total, work, batch_size=self.batch_size, device=self.device, row_bytes=row_bytes,
                     stats=self.stats, per_row=per_row,
+                    largest_row=self.saved_row_largest or (self.stats.get("largest_row") if reuse_probe else None),
                     exclude=model_storages(self.model) if per_row is None and self.batch_size == "auto" else ())
 
     def eval_pass(
@@ -701,7 +706,7 @@ class Problem:
 
         # No autograd graph is saved without gradients: size chunks from the inputs alone.
         run_chunked(total, work, batch_size=self.batch_size, device=self.device,
-                    row_bytes=row_bytes, stats=self.stats, saves=False)
+                    row_bytes=row_bytes, stats=self.stats, saves=False, largest_row=self.saved_row_largest)
 
     # -- the result --------------------------------------------------------------------------
     def result(

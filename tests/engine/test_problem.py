@@ -485,3 +485,30 @@ def test_a_layer_the_model_does_not_call_names_the_modules_sharing_its_weight() 
     with pytest.raises(nbattr.InputError, match=r"not called by the model's forward; pass a module that the model "
                                                 r"uses$"):
         nbattr.attribute(m, ids, layer=nn.Embedding(10, 4))  # no sharing: no hint
+
+
+def test_cpu_chunks_keep_the_widest_activation_within_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """batch_size='auto' on CPU: at most CPU_MAX_ROWS rows, fewer where a row's widest saved
+    activation would not let the chunk's fit CPU_CACHE_BYTES, never below CPU_MIN_ROWS."""
+    from nbattr.engine import batching
+
+    monkeypatch.setattr(batching, "CPU_CACHE_BYTES", 1 << 20)
+    assert batching.cpu_row_cap(None) == batching.CPU_MAX_ROWS
+    assert batching.cpu_row_cap(1 << 10) == batching.CPU_MAX_ROWS
+    assert batching.cpu_row_cap(100 << 10) == 10
+    assert batching.cpu_row_cap(1 << 20) == batching.CPU_MIN_ROWS
+
+    def wide(width: int) -> nn.Module:  # one activation of `width` floats per row
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, width), nn.Tanh(), nn.Linear(width, 3)).double().eval()
+
+    x = torch.randn(3, 6)
+    narrow = nbattr.attribute(wide(16), x, steps=40)
+    assert max(narrow.params["chunks"]) == batching.CPU_MAX_ROWS  # 128 bytes per row
+    r = nbattr.attribute(wide(12800), x, steps=40)  # 100 KiB per row: 10 rows per chunk
+    assert max(r.params["chunks"]) == 10, r.params["chunks"]
+    occ = nbattr.attribute(wide(12800), x, method="occlusion", window=1)  # no gradients: the first forward measured it
+    assert max(occ.params["chunks"]) == 10, occ.params["chunks"]
+    big = nbattr.attribute(wide(12800), torch.randn(8, 6), steps=40)  # > PROBE_ROWS examples: the probe chunk measures
+    assert max(big.params["chunks"]) == 10, big.params["chunks"]
+    torch.testing.assert_close(r.attributions, nbattr.attribute(wide(12800), x, steps=40, batch_size=120).attributions)
