@@ -151,7 +151,7 @@ def _sharing(model: Any, layer: nn.Module) -> str:
             "pass the one whose output is to be attributed)")
 
 
-def _require_tensor(out: Any) -> Tensor:
+def require_tensor(out: Any) -> Tensor:
     """``out`` if the model returned a tensor; else an error naming what it returned and how to
     get the scores out of it (a Hugging Face ``ModelOutput``, a tuple, a dict)."""
     if isinstance(out, Tensor):
@@ -433,7 +433,7 @@ class Problem:
                     # a copy: a model may work in place on its input, and x (the caller's data) stays
                     leaf = x.detach().clone().requires_grad_(True)
                     with torch.enable_grad(), counting:
-                        out = _require_tensor(self._call(leaf.clone(memory_format=layout)))
+                        out = require_tensor(self._call(leaf.clone(memory_format=layout)))
                     if counter is not None:
                         self.saved_row_bytes = max(1, counter.bytes // x.shape[0])
                         self.saved_row_largest = max(1, counter.largest // x.shape[0])
@@ -442,15 +442,15 @@ class Problem:
                     return out.detach(), x
                 z = x.clone(memory_format=layout)
                 if mode is None:
-                    return _require_tensor(self._call(z)), x
+                    return require_tensor(self._call(z)), x
                 with mode:
-                    out = _require_tensor(self._call(z))
+                    out = require_tensor(self._call(z))
                 self.first_tape = mode
                 return out, x
             with (_Capture(self.layer, leaf=counter is not None) as cap,
                   (mode if mode is not None else contextlib.nullcontext()),
                   torch.set_grad_enabled(counter is not None), counting):
-                out = _require_tensor(self._call(x.clone()))
+                out = require_tensor(self._call(x.clone()))
             if counter is not None:
                 out = out.detach()
                 if cap.calls == 1:
@@ -472,7 +472,7 @@ class Problem:
 
     @staticmethod
     def _check_output(out: Any, n: int) -> None:
-        _require_tensor(out)
+        require_tensor(out)
         if out.dim() not in (1, 2) or out.shape[0] != n:
             raise InputError(f"the model's output has shape {tuple(out.shape)}; expected (N, C) or "
                              f"(N,) with N = {n}")

@@ -18,6 +18,7 @@ from .. import render
 from ..engine import attribute, watch
 from ..engine import methods as all_methods
 from ..engine.gradient import COARSE_WARNING, JUMP_WARNING
+from ..engine.problem import require_tensor
 from . import codec, payload
 from .controller import Controller, Outcome
 
@@ -180,7 +181,7 @@ class Explain(anywidget.AnyWidget):
         self._compare_cache: dict[str, np.ndarray] = {}
 
         with torch.no_grad():
-            logits = model(x, **self._forward_kwargs)
+            logits = require_tensor(model(x, **self._forward_kwargs))  # a ModelOutput: the engine's hint
         top = self._predictions(logits, topk)
         if target is None:
             target = top[0]["index"] if top else 0

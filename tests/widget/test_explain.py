@@ -263,6 +263,17 @@ def test_operations_without_a_rule_are_one_badge_not_also_a_note():
     w.close()
 
 
+def test_a_model_returning_an_output_object_gets_the_engines_hint(cnn, image):
+    import nbattr
+
+    class Output:  # as a Hugging Face ModelOutput
+        def __init__(self, logits):
+            self.logits = logits
+
+    with pytest.raises(nbattr.InputError, match=r"returned Output: pass `lambda x: model\(x\).logits`"):
+        Explain(lambda x: Output(cnn(x)), image)
+
+
 def test_tabular_view(cnn):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).eval()
