@@ -279,6 +279,12 @@ PRODUCT_OPS: frozenset[str] = frozenset({
 #: compares); a condition that changes (``where(t > 0, t, 0)`` is a ReLU) has no rule.
 SELECT_OPS: frozenset[str] = frozenset({"where", "masked_fill"})
 
+#: Operations that pick entries by their values and return the indices too (``topk``, ``sort``):
+#: where the picks agree at the input and the reference they are a linear selection (a gather),
+#: whose multiplier is the gradient; where they differ DeepLIFT reports the call. (ε-LRP passes
+#: relevance to the picked entries, winner-take-all, as for a max-pool.)
+SELECTION_OPS: frozenset[str] = frozenset({"topk", "sort", "kthvalue"})
+
 #: Linear operations that pick entries by an index tensor. Linear for one index only: DeepLIFT
 #: tapes the index (integer or boolean tensors) and reports the call where the input's index
 #: differs from the reference's (``h.gather(1, h.argmax(1, keepdim=True))``, ``h[mask(h)]``).
@@ -1242,7 +1248,8 @@ BINARY_COMPOSITES: dict[str, _Composite] = {
 }
 
 #: Every operation the reference pass tapes.
-TAPED_OPS: frozenset[str] = NONLINEAR_OPS | PRODUCT_OPS | SELECT_OPS | INDEX_OPS | frozenset(COMPOSITES)
+TAPED_OPS: frozenset[str] = (NONLINEAR_OPS | PRODUCT_OPS | SELECT_OPS | INDEX_OPS | SELECTION_OPS
+                              | frozenset(COMPOSITES))
 
 _TRANSPARENT: dict[Any, Any] = {}
 
@@ -1284,6 +1291,8 @@ def _taped_kind(op: _Op, func: Any, args: tuple, kwargs: dict, leaves: list[Any]
         return "product" if sum(isinstance(v, Tensor) for v in leaves) >= 2 else None
     if name in SELECT_OPS:
         return "select"
+    if name in SELECTION_OPS:
+        return "selection"
     if name in INDEX_OPS:  # taped only with an index tensor (not for slices and ints)
         return "index" if any(_is_index(v) for v in leaves) else None
     return None
@@ -1447,6 +1456,8 @@ class _Recorder(TorchFunctionMode):
         keep_out = kind == "nonlinear" and isinstance(out, Tensor)
         entry = _TapeEntry(op.name, saved, (out.detach().clone() if self.copy else out.detach())
                            if keep_out else None)
+        if kind == "selection" and isinstance(out, tuple) and len(out) == 2:
+            entry.output = out[1].detach().clone()  # the picks (indices), compared at the input
         if not self.copy:
             entry.versions = [-1 if v is None else v._version for v in saved]
             entry.versions.append(entry.output._version if entry.output is not None else -1)
@@ -1560,6 +1571,13 @@ class _Replay(TorchFunctionMode):
                 return self._composite(BINARY_COMPOSITES[op.name], func, op, args, kwargs, leaves, spec, entry)
         if kind == "product" and len(varying) == 2:
             return self._product(func, op, args, kwargs, leaves, spec, *varying, entry)
+        if kind == "selection" and len(varying) == 1:
+            out = func(*args, **kwargs)
+            if entry is not None and not (isinstance(out, tuple) and len(out) == 2 and entry.output is not None
+                                          and out[1].shape == entry.output.shape
+                                          and torch.equal(out[1], entry.output)):
+                self._report(f"{op.name} (selection differs from the reference)")
+            return out
         out = func(*args, **kwargs)
         if not _requires_grad(out):
             return out

@@ -1312,3 +1312,36 @@ def test_in_place_division_of_two_varying_tensors_is_the_division_rule(how):
         plain = InPlaceNormalise("plain").eval()
         plain.load_state_dict(model.state_dict())
         torch.testing.assert_close(r.attributions, deeplift(plain, x, x0).attributions, rtol=1e-12, atol=1e-12)
+
+
+class Picks(nn.Module):
+    """k-max pooling (topk), a sorted head (sort) and a median by kthvalue: selections by value."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.lin, self.out = nn.Linear(6, 8), nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        if self.how == "topk":
+            v = h.topk(3, dim=-1).values
+        elif self.how == "sort":
+            v = torch.sort(h, dim=-1, descending=True).values[:, :3]
+        else:
+            v = torch.stack([h.kthvalue(k, dim=-1).values for k in (2, 4, 6)], -1)
+        return self.out(v)
+
+
+@pytest.mark.parametrize("how", ["topk", "sort", "kthvalue"])
+def test_selections_by_value_conserve_where_the_picks_agree_and_are_reported_where_not(how):
+    torch.manual_seed(14)
+    model = Picks(how).eval()
+    x = torch.randn(4, 5 + 1)
+    r = deeplift(model, x, x + 1e-3)  # the same picks at the reference: a linear selection
+    assert_conserves(r, 1e-9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        far = nbattr.attribute(model, x, method="deeplift", baseline=-x)
+    assert far.unsupported == {f"{how} (selection differs from the reference)": 1 if how != "kthvalue" else 3}
+    assert lrp(model, x).unsupported == {}  # winner-take-all, as for a max-pool
