@@ -24,7 +24,8 @@ The operation table
   while the condition is the same at the input and the reference (DeepLIFT compares the taped
   condition; a condition that changes, as in ``where(t > 0, t, 0)``, is reported), and likewise
   indexing by a tensor (:data:`INDEX_OPS`: ``gather``, ``h[idx]``, ``scatter``, ...) while the
-  index is the same (``h.gather(1, h.argmax(1, keepdim=True))`` is reported). A value of the
+  index is the same (``h.gather(1, h.argmax(1, keepdim=True))`` is reported); the selections by
+  value (:data:`SELECTION_OPS`: ``topk``, ``sort``, ``kthvalue``) while their picks are. A value of the
   input made a constant (``detach()``, or computed under ``no_grad`` inside the forward) is
   reported: it differs between the passes, which the rules cannot see.
 * Elementwise nonlinearities, Rescale / ε multiplier (:data:`NONLINEAR_OPS`): relu and its
