@@ -565,7 +565,8 @@ def baseline_jumps(r: Any, slope0: Tensor | None = None) -> dict[int, float]:
     n = po.shape[1]
     out: dict[int, float] = {}
     if slope0 is not None:
-        width = (scale / slope0.double().abs().clamp_min(torch.finfo(torch.float64).tiny)).reshape(n, -1).amin(1)
+        slope = slope0.to(device=scale.device, dtype=torch.float64).abs()  # (AdaptivePath's is on the CPU)
+        width = (scale / slope.clamp_min(torch.finfo(torch.float64).tiny)).reshape(n, -1).amin(1)
         out.update({i: float(width[i]) for i in range(n) if float(width[i]) <= JUMP_WIDTH})
     share = ((po.double() - r.baseline_outputs.double()[None]).abs() / scale[None])
     share = share.reshape(po.shape[0], n, -1).amax(2)  # (S, N), NaN where an example has no point

@@ -68,3 +68,13 @@ def test_bfloat16_on_cuda_sums_in_float32() -> None:
     assert r.attributions.dtype == torch.bfloat16 and r.delta.dtype == torch.bfloat16
     exact = lin.weight[0].double() * x.double()
     assert ((r.attributions.double() - exact).abs() / (exact.abs() * 2.0**-8)).max() <= 1.0
+
+
+def test_a_jump_at_the_baseline_is_named_on_cuda() -> None:
+    """steps='auto' hitting max_steps at a degenerate baseline: its slope at alpha = 0 (kept on the
+    CPU) meets the CUDA scores in the warning's check."""
+    from .test_gradient import NormalisedZero
+
+    x = torch.tensor([[1.0, -2.0, 0.5, 3.0]], dtype=torch.float64, device="cuda")
+    with pytest.warns(UserWarning, match="The score jumps at the baseline"):
+        nbattr.attribute(NormalisedZero(), x, steps="auto", baseline="zeros")

@@ -75,7 +75,7 @@ class NormalisedZero(nn.Module):
     """F(x) = w . x / sqrt(mean(x^2) + eps): an RMSNorm on the input, scale-invariant for x != 0."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = torch.linspace(-1.0, 2.0, x.shape[1], dtype=x.dtype)
+        w = torch.linspace(-1.0, 2.0, x.shape[1], dtype=x.dtype, device=x.device)
         return (x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + 1e-8)) @ w
 
 
