@@ -1282,13 +1282,20 @@ def test_tiny_hugging_face_vision_models_conserve(arch):
     assert_conserves(r, 1e-9)  # float64; measured <= 1.2e-15 with |F(x) - F(x')| from 0.01 to 1.1
 
 
-class InPlaceNormalise(nn.Module):
+class _Variants(nn.Module):
+    """``lin`` -> a variant named ``how`` -> ``out``: the models of the tests below."""
+
+    def __init__(self, how: str, lin: tuple[int, int], out: tuple[int, int]):
+        super().__init__()
+        self.how = how
+        self.lin, self.out = nn.Linear(*lin), nn.Linear(*out)
+
+
+class InPlaceNormalise(_Variants):
     """Routing weights normalised in place, as Hugging Face's Mixtral does: ``w /= w.sum(...)``."""
 
     def __init__(self, how: str):
-        super().__init__()
-        self.how = how
-        self.lin, self.out = nn.Linear(5, 4), nn.Linear(4, 3)
+        super().__init__(how, (5, 4), (4, 3))
 
     def forward(self, x):
         w = torch.sigmoid(self.lin(x))
@@ -1314,13 +1321,11 @@ def test_in_place_division_of_two_varying_tensors_is_the_division_rule(how):
         torch.testing.assert_close(r.attributions, deeplift(plain, x, x0).attributions, rtol=1e-12, atol=1e-12)
 
 
-class Picks(nn.Module):
+class Picks(_Variants):
     """k-max pooling (topk), a sorted head (sort) and a median by kthvalue: selections by value."""
 
     def __init__(self, how: str):
-        super().__init__()
-        self.how = how
-        self.lin, self.out = nn.Linear(6, 8), nn.Linear(3, 2)
+        super().__init__(how, (6, 8), (3, 2))
 
     def forward(self, x):
         h = torch.tanh(self.lin(x))
