@@ -20,6 +20,7 @@ import contextvars
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -39,14 +40,16 @@ CPU_MAX_ROWS = 32
 CPU_MIN_ROWS = 4
 
 
+#: rows of the first, measuring chunk
+PROBE_ROWS = 4
+
+
 def _last_level_cache() -> int:
     """Bytes of the CPU's largest cache (Linux sysfs), else 32 MiB."""
-    import glob
-
     best = 0
-    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
         try:
-            text = open(path).read().strip().upper()
+            text = path.read_text().strip().upper()
             mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
             best = max(best, int(text.rstrip("KMG")) * mult)
         except (OSError, ValueError):
@@ -67,8 +70,6 @@ def cpu_row_cap(largest_row: int | None) -> int:
     if not largest_row:
         return CPU_MAX_ROWS
     return max(CPU_MIN_ROWS, min(CPU_MAX_ROWS, CPU_CACHE_BYTES // largest_row))
-#: rows of the first, measuring chunk
-PROBE_ROWS = 4
 
 
 class StorageBytes:

@@ -241,13 +241,10 @@ class AdaptivePath:
         self.delta = np.full((p.n, p.outputs.reshape(p.n, -1).shape[1]), np.nan)
 
     def _set_gap(self, baseline_outputs: Tensor) -> None:
-        fx = self.p.outputs.double().cpu().reshape(self.p.n, -1).numpy()  # (N, K)
-        fb = baseline_outputs.double().cpu().reshape(self.p.n, -1).numpy()
-        self.gap = fx - fb
-        big = np.maximum(np.abs(fx), np.abs(fb))
-        scale = np.maximum(np.abs(self.gap), AUTO_FLOOR * big)
-        rounding = ROUNDING_ULPS * torch.finfo(self.p.outputs.dtype).eps * big
-        self.thr = np.maximum(self.tol * scale, rounding)  # (N, K)
+        n = self.p.n
+        self.gap = (self.p.outputs.double() - baseline_outputs.double()).cpu().reshape(n, -1).numpy()  # (N, K)
+        scale, rounding = _scales(self.p.outputs, baseline_outputs)
+        self.thr = np.maximum(self.tol * scale.cpu().reshape(n, -1).numpy(), rounding.cpu().reshape(n, -1).numpy())
 
     # -- one gradient pass over the new (alpha, example) pairs of a round ----------------------
     def _evaluate(self, alphas: list[float], rows: list[int]) -> None:
@@ -540,10 +537,13 @@ COARSE_WARNING = "integrated_gradients: |delta| is more than"
 JUMP_SHARE, JUMP_ALPHA, JUMP_WIDTH = 0.5, 0.02, 1e-3
 
 
-def _gap_scale(r: Any) -> Tensor:
-    fx, fb = r.outputs.double(), r.baseline_outputs.double()
-    scale = torch.maximum((fx - fb).abs(), AUTO_FLOOR * torch.maximum(fx.abs(), fb.abs()))
-    return scale.clamp_min(torch.finfo(torch.float64).tiny)
+def _scales(fx: Tensor, fb: Tensor) -> tuple[Tensor, Tensor]:
+    """What |delta| is measured against (float64, shaped like the scores): max(|F(x) - F(x')|,
+    AUTO_FLOOR max(|F(x)|, |F(x')|)), and the rounding below which it is not quadrature error
+    (:data:`ROUNDING_ULPS` units of the scores' dtype of max(|F(x)|, |F(x')|))."""
+    big = torch.maximum(fx.double().abs(), fb.double().abs())
+    scale = torch.maximum((fx.double() - fb.double()).abs(), AUTO_FLOOR * big)
+    return scale.clamp_min(torch.finfo(torch.float64).tiny), ROUNDING_ULPS * torch.finfo(fx.dtype).eps * big
 
 
 def baseline_jumps(r: Any, slope0: Tensor | None = None) -> dict[int, float]:
@@ -561,7 +561,7 @@ def baseline_jumps(r: Any, slope0: Tensor | None = None) -> dict[int, float]:
     a, po = r.alphas, r.path_outputs
     if a is None or po is None or r.baseline_outputs is None:
         return {}
-    scale = _gap_scale(r)
+    scale = _scales(r.outputs, r.baseline_outputs)[0]
     n = po.shape[1]
     out: dict[int, float] = {}
     if slope0 is not None:
@@ -595,12 +595,11 @@ def _warn_if_coarse(r: Any, what: str, slope0: Callable[[], Tensor | None] | Non
     or a path that jumps at the baseline (:func:`baseline_jumps`)."""
     if r.delta is None or r.baseline_outputs is None:
         return
-    big = torch.maximum(r.outputs.double().abs(), r.baseline_outputs.double().abs())
-    rounding = ROUNDING_ULPS * torch.finfo(r.outputs.dtype).eps * big  # below it: rounding, not quadrature
-    rel = (r.delta.double().abs() / _gap_scale(r)).reshape(r.delta.shape[0], -1)
-    off = (r.delta.double().abs() > torch.maximum(COARSE_DELTA * _gap_scale(r), rounding)).reshape(rel.shape)
-    worst = torch.where(off, rel, torch.zeros_like(rel)).amax(1)
-    bad = (worst > COARSE_DELTA).nonzero().flatten().tolist()
+    scale, rounding = _scales(r.outputs, r.baseline_outputs)
+    err = r.delta.double().abs()
+    off = (err > torch.maximum(COARSE_DELTA * scale, rounding)).reshape(err.shape[0], -1)  # (N, K)
+    worst = torch.where(off, (err / scale).reshape(off.shape), 0.0).amax(1)
+    bad = off.any(1).nonzero().flatten().tolist()
     if bad:
         shown = ", ".join(f"#{i} {100 * float(worst[i]):.0f}%" for i in bad[:8]) + (", ..." if len(bad) > 8 else "")
         jumps = {i: j for i, j in baseline_jumps(r, slope0() if slope0 is not None else None).items()

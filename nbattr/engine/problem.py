@@ -303,11 +303,6 @@ class Problem:
             raise InputError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
         self.model = model
         self.layer = layer
-        #: keyword arguments of every model call; :meth:`_call` indexes those with a row per example
-        self._kwargs: dict[str, Any] = {
-            k: v.to(model_device(model, x.device)) if isinstance(v, Tensor) else v
-            for k, v in (forward_kwargs or {}).items()}
-        self._per_row: frozenset[str] = frozenset()
         self._record = record
         #: the mode (``record()``) the first forward at ``x`` ran in, when it was taped: with
         #: ``batch_size="auto"`` only for at most ``PROBE_ROWS`` examples (one chunk, whose
@@ -326,6 +321,10 @@ class Problem:
         #: bytes per example of the widest activation that forward saved (CPU chunks keep it in cache)
         self.saved_row_largest: int | None = None
         self.device = model_device(model, x.device)
+        #: keyword arguments of every model call; :meth:`_call` indexes those with a row per example
+        self._kwargs: dict[str, Any] = {k: v.to(self.device) if isinstance(v, Tensor) else v
+                                        for k, v in (forward_kwargs or {}).items()}
+        self._per_row: frozenset[str] = frozenset()
         self.batch_size = batch_size
         self.stats: dict[str, Any] = {}
         self._baseline_spec = baseline

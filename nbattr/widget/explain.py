@@ -17,7 +17,6 @@ from torch import Tensor, nn
 from .. import render
 from ..engine import attribute, watch
 from ..engine import methods as all_methods
-from ..engine.gradient import COARSE_WARNING, JUMP_WARNING
 from ..engine.problem import require_tensor
 from . import codec, payload
 from .controller import Controller, Outcome
@@ -284,9 +283,7 @@ class Explain(anywidget.AnyWidget):
             attr = attribute(self._model, self._x, method=method, target=target,
                              baseline=self._baseline_spec(baseline), steps=steps, layer=self._layer,
                              forward_kwargs=self._forward_kwargs, **opts)
-        # a delta off by more than 5% is the receipt's own red mark, with its advice on hover; a jump
-        # at the baseline is not (more steps do not help there): that note stays
-        return attr, [n for n in notes if not n.startswith(COARSE_WARNING) or JUMP_WARNING in n]
+        return attr, notes
 
     def _attribute_one(self, method: str, baseline: str, target: int, steps: int | str) -> dict[str, Any]:
         attr, notes = self._engine_call(method, baseline, target, steps)

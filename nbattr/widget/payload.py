@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from ..engine.gradient import COARSE_WARNING, JUMP_WARNING
 from ..engine.rules import NO_RULE
 
 
@@ -60,13 +61,16 @@ def _steps_used(attr: Any) -> int | None:
 
 def build(attr: Any, kind: str, label: str | None = None, notes: list[str] | None = None) -> dict[str, Any]:
     """The payload of one single-target result; ``notes``: the engine's warnings for it (the
-    receipt lists them, each once)."""
+    receipt lists them, each once, except those the receipt shows its own way)."""
     a = _np(attr.attributions)
     out: dict[str, Any] = {"maps": reduce(a, kind)}
     fx = float(attr.outputs[0])
     fb = None if attr.baseline_outputs is None else float(attr.baseline_outputs[0])
     total = float(a[0].sum())
-    notes = list(dict.fromkeys(str(n) for n in notes or ()))
+    # a delta off by more than 5% is the receipt's own red mark, with its advice on hover; a jump at
+    # the baseline is not (more steps do not help there), so that note stays
+    notes = [n for n in dict.fromkeys(str(n) for n in notes or ())
+             if not n.startswith(COARSE_WARNING) or JUMP_WARNING in n]
     unsupported = {str(k): int(v) for k, v in (attr.unsupported or {}).items()}
     # the warning about operations without a rule becomes the badge's hover text (the badge lists them)
     rule_notes = [n for n in notes if unsupported and n.startswith(f"{attr.method}: {NO_RULE} ")]
