@@ -4,11 +4,19 @@ from .api import attribute
 from .batching import watch
 from .dataset import attribute_dataset
 from .errors import (
+    BaselineJumpWarning,
     Cancelled,
+    CoarseDeltaWarning,
+    CompletenessWarning,
     InputError,
+    MaxStepsWarning,
+    MissingRuleWarning,
     NbattrError,
+    NbattrWarning,
     NoGradientPathError,
+    NonFiniteWarning,
     TargetError,
+    TrainingModeWarning,
     UnsupportedOperationError,
 )
 from .registry import MethodInfo, methods, register
@@ -16,12 +24,20 @@ from .result import Attribution
 
 __all__ = [
     "Attribution",
+    "BaselineJumpWarning",
     "Cancelled",
+    "CoarseDeltaWarning",
+    "CompletenessWarning",
     "InputError",
+    "MaxStepsWarning",
     "MethodInfo",
+    "MissingRuleWarning",
     "NbattrError",
+    "NbattrWarning",
     "NoGradientPathError",
+    "NonFiniteWarning",
     "TargetError",
+    "TrainingModeWarning",
     "UnsupportedOperationError",
     "attribute",
     "attribute_dataset",

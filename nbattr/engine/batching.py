@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import Cancelled, user_stacklevel
+from .errors import Cancelled, NbattrWarning, user_stacklevel
 
 BatchSize = int | str
 
@@ -114,7 +114,7 @@ def memory_budget(device: torch.device) -> int:
 class _Watch:
     progress: Callable[[int, int], None] | None
     cancel: Callable[[], bool] | None
-    warn: Callable[[str], None] | None = None
+    warn: Callable[[NbattrWarning], None] | None = None
 
 
 _WATCH: contextvars.ContextVar[_Watch | None] = contextvars.ContextVar("nbattr_watch", default=None)
@@ -123,7 +123,7 @@ _WATCH: contextvars.ContextVar[_Watch | None] = contextvars.ContextVar("nbattr_w
 @contextlib.contextmanager
 def watch(progress: Callable[[int, int], None] | None = None,
           cancel: Callable[[], bool] | None = None,
-          warn: Callable[[str], None] | None = None) -> Iterator[None]:
+          warn: Callable[[NbattrWarning], None] | None = None) -> Iterator[None]:
     """Follow and stop the engine's work inside the block (this thread or context only).
 
     Parameters
@@ -133,10 +133,12 @@ def watch(progress: Callable[[int, int], None] | None = None,
         (``steps="auto"`` one per refinement round), each counting from 0 to its own total.
     cancel : asked before each chunk; when it returns True the call raises
         :class:`~nbattr.engine.errors.Cancelled` (the model is restored as after any error).
-    warn : called as ``warn(message)`` with each of the engine's warnings (training mode, a
-        missing rule, non-finite attributions, ``steps="auto"`` at ``max_steps``) instead of
-        ``warnings.warn``: a front end shows them in its own UI (the widget's receipt), and a
-        worker thread's warnings do not land in whatever notebook cell ran last.
+    warn : called as ``warn(w)`` with each of the engine's warnings, an instance of a
+        :class:`~nbattr.engine.errors.NbattrWarning` subclass (training mode, a missing rule,
+        non-finite attributions, a coarse delta, ``steps="auto"`` at ``max_steps``, a jump at the
+        baseline; ``str(w)`` is the message), instead of ``warnings.warn``: a front end shows them
+        in its own UI (the widget's receipt), and a worker thread's warnings do not land in
+        whatever notebook cell ran last.
 
     Blocks nest: a block's own arguments are in effect, the ones it leaves out (None) are the
     enclosing block's. Under ``torchrun`` (:func:`nbattr.attribute_dataset`)
@@ -159,14 +161,14 @@ def watch(progress: Callable[[int, int], None] | None = None,
         _WATCH.reset(token)
 
 
-def warn(message: str) -> None:
-    """An engine warning: to the ``warn`` of the :func:`watch` in effect, else ``warnings.warn``
-    (a UserWarning) pointing at the user's line."""
+def warn(message: str, category: type[NbattrWarning] = NbattrWarning) -> None:
+    """An engine warning of kind ``category``: to the ``warn`` of the :func:`watch` in effect (as
+    ``category(message)``), else ``warnings.warn`` pointing at the user's line."""
     w = _WATCH.get()
     if w is not None and w.warn is not None:
-        w.warn(message)
+        w.warn(category(message))
         return
-    warnings.warn(message, UserWarning, stacklevel=user_stacklevel())
+    warnings.warn(message, category, stacklevel=user_stacklevel())
 
 
 def _check_cancel(w: _Watch | None) -> None:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .batching import warn
-from .errors import InputError
+from .errors import BaselineJumpWarning, CoarseDeltaWarning, InputError, MaxStepsWarning
 from .paths import clenshaw_curtis, quadrature
 from .problem import Problem, accumulation_dtype, score_gradient
 from .registry import measures_first_forward, multi_target, register
@@ -499,7 +499,7 @@ def integrated_gradients(p: Problem, *, steps: int | str = 50, rule: str = "gaus
                 f"integrated_gradients(steps='auto'): example(s) {sorted(ad.hit_max)} reached max_steps="
                 f"{max_steps_} with |delta| above tol={tol_:g} x |F(x) - F(x')| (|delta| = "
                 f"{', '.join(f'{reached[i]:.3g}' for i in sorted(ad.hit_max))}); raise max_steps or tol."
-                + (_jump_advice(jumps) if jumps else ""))
+                + (_jump_advice(jumps) if jumps else ""), BaselineJumpWarning if jumps else MaxStepsWarning)
         return r
     alphas, weights = _nodes(p, rule, steps)
     pp = PathPass(p, alphas, weights, keep=keep_path, path=path)
@@ -527,7 +527,7 @@ def _slope_at_baseline(p: Problem, r: Any) -> Tensor | None:
 
 #: fixed steps: warn where |delta| exceeds this fraction of |F(x) - F(x')| (the widget's red mark)
 COARSE_DELTA = 0.05
-#: the start of that warning (the widget, which marks such a delta itself, leaves it out)
+#: the start of that warning (a CoarseDeltaWarning, or a BaselineJumpWarning where the jump is found)
 COARSE_WARNING = "integrated_gradients: |delta| is more than"
 
 
@@ -606,7 +606,8 @@ def _warn_if_coarse(r: Any, what: str, slope0: Callable[[], Tensor | None] | Non
                  if i in bad}
         advice = (_jump_advice(jumps) if jumps else
                   " The score changes too sharply along the path for so few points: use steps='auto' or more steps.")
-        warn(f"{COARSE_WARNING} {100 * COARSE_DELTA:g}% of |F(x) - F(x')| with {what} (per example: {shown}).{advice}")
+        warn(f"{COARSE_WARNING} {100 * COARSE_DELTA:g}% of |F(x) - F(x')| with {what} (per example: {shown}).{advice}",
+             BaselineJumpWarning if jumps else CoarseDeltaWarning)
 
 
 @register(

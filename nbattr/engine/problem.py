@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from . import baselines as _baselines
 from .batching import PROBE_ROWS, BatchSize, StorageBytes, is_oom, run_chunked, warn
-from .errors import InputError, NoGradientPathError, TargetError
+from .errors import InputError, NoGradientPathError, NonFiniteWarning, TargetError, TrainingModeWarning
 from .guard import model_storages, modules_of, thread_hook
 from .result import Attribution
 
@@ -179,7 +179,7 @@ def _warn_nonfinite(method: str, attributions: Tensor) -> None:
     if bad:
         warn(f"{method}: {bad} of {attributions.numel()} attributions are not finite (NaN or "
              "inf), so the map and delta cannot be trusted: the model's gradient (or a rule) "
-             "produced them, e.g. sqrt or log at 0 on the path")
+             "produced them, e.g. sqrt or log at 0 on the path", NonFiniteWarning)
 
 
 @contextlib.contextmanager
@@ -333,7 +333,7 @@ class Problem:
         self._shared: dict[str, Any] = {"baselines": None, "baseline_full": None, "channels_last": False}
         if _mode_dependent(model):
             warn("the model is in training mode: dropout and batch-norm make attributions random "
-                 "and batch-dependent; call model.eval() first")
+                 "and batch-dependent; call model.eval() first", TrainingModeWarning)
 
         x = x.detach().to(self.device)
         # A 1-D x is one example (a row of features). Otherwise x is a batch, unless the model

@@ -168,7 +168,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .batching import StorageBytes, run_chunked, warn
-from .errors import InputError, UnsupportedOperationError
+from .errors import InputError, MissingRuleWarning, UnsupportedOperationError
 from .guard import model_storages, modules_of
 from .problem import Problem, score_gradient
 from .registry import multi_target, register
@@ -1935,7 +1935,7 @@ NO_RULE = "no rule for"
 
 def _warn_unsupported(method: str, unsupported: dict[str, int], consequence: str) -> None:
     if unsupported:
-        warn(f"{method}: {NO_RULE} {_ops_text(unsupported)}; plain gradient used, {consequence}")
+        warn(f"{method}: {NO_RULE} {_ops_text(unsupported)}; plain gradient used, {consequence}", MissingRuleWarning)
 
 
 @register(

@@ -278,7 +278,7 @@ class Explain(anywidget.AnyWidget):
                 opts["rule"] = "riemann_trapezoid"  # evenly spaced α frames including 0 and 1
         if "keep_path" in info.options:
             opts["keep_path"] = True
-        notes: list[str] = []
+        notes: list[Warning] = []
         with watch(warn=notes.append):
             attr = attribute(self._model, self._x, method=method, target=target,
                              baseline=self._baseline_spec(baseline), steps=steps, layer=self._layer,
@@ -289,7 +289,7 @@ class Explain(anywidget.AnyWidget):
         attr, notes = self._engine_call(method, baseline, target, steps)
         return self._build(attr, target, notes)
 
-    def _build(self, attr: Any, target: int, notes: list[str]) -> dict[str, Any]:
+    def _build(self, attr: Any, target: int, notes: list[Warning]) -> dict[str, Any]:
         """The cached payload: its α frames already quantised for the wire (uint8, a quarter of
         float32; up to AUTO_MAX_STEPS frames per view under steps="auto")."""
         p = payload.build(attr, self.kind, self.label(target), notes=notes)

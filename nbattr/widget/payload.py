@@ -29,8 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ..engine.gradient import COARSE_WARNING, JUMP_WARNING
-from ..engine.rules import NO_RULE
+from ..engine.errors import CoarseDeltaWarning, MissingRuleWarning
 
 
 def _np(t: Any) -> np.ndarray:
@@ -59,21 +58,22 @@ def _steps_used(attr: Any) -> int | None:
     return None if s is None else int(s)
 
 
-def build(attr: Any, kind: str, label: str | None = None, notes: list[str] | None = None) -> dict[str, Any]:
-    """The payload of one single-target result; ``notes``: the engine's warnings for it (the
-    receipt lists them, each once, except those the receipt shows its own way)."""
+def build(attr: Any, kind: str, label: str | None = None, notes: list[Warning] | None = None) -> dict[str, Any]:
+    """The payload of one single-target result; ``notes``: the engine's warnings for it, as
+    :func:`nbattr.watch` hands them over (the receipt lists them, each once, except those the
+    receipt shows its own way)."""
     a = _np(attr.attributions)
     out: dict[str, Any] = {"maps": reduce(a, kind)}
     fx = float(attr.outputs[0])
     fb = None if attr.baseline_outputs is None else float(attr.baseline_outputs[0])
     total = float(a[0].sum())
     # a delta off by more than 5% is the receipt's own red mark, with its advice on hover; a jump at
-    # the baseline is not (more steps do not help there), so that note stays
-    notes = [n for n in dict.fromkeys(str(n) for n in notes or ())
-             if not n.startswith(COARSE_WARNING) or JUMP_WARNING in n]
+    # the baseline is not (more steps do not help there: a BaselineJumpWarning), so that note stays
+    notes = [n for n in notes or () if not isinstance(n, CoarseDeltaWarning)]
     unsupported = {str(k): int(v) for k, v in (attr.unsupported or {}).items()}
     # the warning about operations without a rule becomes the badge's hover text (the badge lists them)
-    rule_notes = [n for n in notes if unsupported and n.startswith(f"{attr.method}: {NO_RULE} ")]
+    rule_notes = list(dict.fromkeys(str(n) for n in notes if unsupported and isinstance(n, MissingRuleWarning)))
+    notes = [n for n in dict.fromkeys(str(n) for n in notes) if n not in rule_notes]
     out["receipt"] = {
         "method": attr.method,
         "target": int(attr.target[0]),
@@ -87,7 +87,7 @@ def build(attr: Any, kind: str, label: str | None = None, notes: list[str] | Non
         "unsupported_note": rule_notes[0] if rule_notes else None,
         "steps": _steps_used(attr),
         "auto": "tol" in attr.params,  # the engine chose the steps (steps="auto")
-        "notes": [n for n in notes if n not in rule_notes],
+        "notes": notes,
         "params": {k: v for k, v in attr.params.items() if isinstance(v, (int, float, str, bool, type(None)))},
     }
     if attr.path_gradients is not None and attr.path_outputs is not None and attr.baselines is not None:

@@ -122,7 +122,7 @@ def test_max_steps_warns_and_names_the_examples() -> None:
     m = mlp(3, act=nn.Tanh)
     x = torch.randn(3, 6) * 4
     x[1] = 1e-3
-    with pytest.warns(UserWarning, match=r"example\(s\) \[0, 2\] reached max_steps=9"):
+    with pytest.warns(nbattr.MaxStepsWarning, match=r"example\(s\) \[0, 2\] reached max_steps=9"):
         r = nbattr.attribute(m, x, steps="auto", tol=1e-9, max_steps=9)
     assert r.params["converged"] == [False, True, False]
     assert max(r.params["steps"]) <= 9 and r.params["max_steps"] == 9

@@ -222,9 +222,9 @@ class Sorted(nn.Module):
 
 def test_unsupported_operations_are_summed_over_chunks(tmp_path: Path) -> None:
     m, x = Sorted().eval(), data(7)
-    with pytest.warns(UserWarning):
+    with pytest.warns(nbattr.MissingRuleWarning):
         r = attribute_dataset(m, x, "deeplift", out=tmp_path, chunk_size=3, progress=False)
-    with pytest.warns(UserWarning):
+    with pytest.warns(nbattr.MissingRuleWarning):
         per_chunk = [nbattr.attribute(m, x[i:i + 3], method="deeplift").unsupported for i in (0, 3, 6)]
     key = "sort (selection differs from the reference)"
     assert r.index["unsupported"] == {key: sum(u[key] for u in per_chunk)} and per_chunk[0][key] > 0

@@ -489,7 +489,7 @@ def test_changing_condition_is_reported():
     x = torch.tensor([[1.0, -1.0, 2.0, 0.5]])
     r = nbattr.attribute(model, x, method="deeplift", baseline=x * 2)  # same signs: linear
     assert r.unsupported == {} and r.delta.abs().max() < 1e-12
-    with pytest.warns(UserWarning, match="condition differs"):
+    with pytest.warns(nbattr.MissingRuleWarning, match="condition differs"):
         r = nbattr.attribute(model, x, method="deeplift", baseline=-x)
     assert r.unsupported == {"where (condition differs from the reference)": 1}
 

@@ -76,5 +76,5 @@ def test_a_jump_at_the_baseline_is_named_on_cuda() -> None:
     from .test_gradient import NormalisedZero
 
     x = torch.tensor([[1.0, -2.0, 0.5, 3.0]], dtype=torch.float64, device="cuda")
-    with pytest.warns(UserWarning, match="The score jumps at the baseline"):
+    with pytest.warns(nbattr.BaselineJumpWarning, match="The score jumps at the baseline"):
         nbattr.attribute(NormalisedZero(), x, steps="auto", baseline="zeros")

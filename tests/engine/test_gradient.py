@@ -60,7 +60,7 @@ def test_a_coarse_fixed_quadrature_warns_and_names_the_examples() -> None:
         return torch.tanh(x[:, 0] * x[:, 1])
 
     x = torch.tensor([[1.0, 0.1], [1.0, 30.0], [2.0, 0.1]])  # only example 1 is steep (0 and 2: tanh(0.1 a))
-    with pytest.warns(UserWarning, match=r"more than 5% of \|F\(x\) - F\(x'\)\| with 4 riemann_right steps "
+    with pytest.warns(nbattr.CoarseDeltaWarning, match=r"more than 5% of \|F\(x\) - F\(x'\)\| with 4 riemann_right steps "
                                          r"\(per example: #1 \d+%\).*steps='auto'"):
         r = nbattr.attribute(model, x, baseline=torch.tensor([0.0, 0.1]).expand(3, 2), steps=4, rule="riemann_right")
     rel = (r.delta.abs() / (r.outputs - r.baseline_outputs).abs()).tolist()
@@ -90,7 +90,7 @@ def test_a_jump_at_a_degenerate_baseline_is_named(steps) -> None:
     x = torch.tensor([[1.0, -2.0, 0.5, 3.0], [0.3, 0.2, -0.1, 0.4]])
     # 4 trapezoid steps: the first point at alpha = 0.25; the slope at alpha = 0 (a kept path point) tells
     opts = {"rule": "riemann_trapezoid", "keep_path": True} if steps == 4 else {}
-    with pytest.warns(UserWarning, match=r"The score jumps at the baseline \(it covers F\(x\) - F\(x'\) for example "
+    with pytest.warns(nbattr.BaselineJumpWarning, match=r"The score jumps at the baseline \(it covers F\(x\) - F\(x'\) for example "
                                          r"#0 by alpha ~ [0-9.e-]+.*another baseline"):
         r = nbattr.attribute(NormalisedZero(), x, steps=steps, baseline="zeros", **opts)
     if steps != 4:  # from the path points alone (with 4 steps only the slope at alpha = 0 shows it)

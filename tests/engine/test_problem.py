@@ -173,7 +173,7 @@ def test_model_state_unchanged_after_model_raises(method: str) -> None:
 
 def test_training_mode_warning() -> None:
     m = BNNet().double().train()
-    with pytest.warns(UserWarning, match="training mode"):
+    with pytest.warns(nbattr.TrainingModeWarning, match="training mode"):
         nbattr.attribute(m, torch.randn(4, 6), method="saliency")
 
 
@@ -430,7 +430,7 @@ def test_non_finite_attributions_are_not_handed_over_silently(method: str) -> No
         return torch.sqrt(x).sum(1)
 
     x = torch.tensor([[0.0, 1.0, 4.0]])
-    with pytest.warns(UserWarning, match=rf"{method}: 1 of 3 attributions are not finite") as seen:
+    with pytest.warns(nbattr.NonFiniteWarning, match=rf"{method}: 1 of 3 attributions are not finite") as seen:
         kw = {"samples": 2, "noise_level": 0.0} if method == "smoothgrad" else {}
         nbattr.attribute(model, x, method=method, **kw)
     assert all(w.filename == __file__ for w in seen)

@@ -548,7 +548,7 @@ def test_rules_report_the_fused_kernel_without_unrolling():
     model.rnn.load_state_dict(lstm.state_dict())
     fused = model
     ids = torch.randint(0, 40, (2, 5))
-    with pytest.warns(UserWarning, match="lstm"):
+    with pytest.warns(nbattr.MissingRuleWarning, match="lstm"):
         r = nbattr.attribute(fused, ids, method="deeplift", layer=model.embedding)
     assert "lstm" in r.unsupported
     assert r.delta.abs().max() > 1e-4  # the same check as above fails without the unrolled gates

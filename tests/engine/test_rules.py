@@ -444,12 +444,12 @@ class ThreeFactors(nn.Module):
 @pytest.mark.parametrize("method", ["deeplift", "epsilon_lrp"])
 def test_unsupported_ops_are_reported(method):
     torch.manual_seed(0)
-    with pytest.warns(UserWarning, match=r"no rule for cumprod \(x1\), special_erfcx \(x1\)"):
+    with pytest.warns(nbattr.MissingRuleWarning, match=r"no rule for cumprod \(x1\), special_erfcx \(x1\)"):
         r = nbattr.attribute(WithoutRule(), torch.randn(2, 2, 8, 8), method=method)
     assert r.unsupported == {"cumprod": 1, "special_erfcx": 1}
     assert r.params["unsupported"] == ["cumprod", "special_erfcx"]
     assert "operations without a rule" in repr(r)
-    with pytest.warns(UserWarning, match=r"einsum \(x1\)"):
+    with pytest.warns(nbattr.MissingRuleWarning, match=r"einsum \(x1\)"):
         r = nbattr.attribute(ThreeFactors(), torch.randn(2, 4), method=method, batch_size=1)
     assert r.unsupported == {"einsum": 1}  # x * x has a rule (a product of two varying operands)
 

@@ -143,10 +143,28 @@ def test_warn_receives_the_engine_warnings_instead_of_python(recwarn):
     with nbattr.watch(warn=notes.append):
         nbattr.attribute(net, _x(1), method="saliency")
         nbattr.attribute(cnn(), _x(1), steps="auto", tol=1e-12, max_steps=5)
-    assert len(notes) == 2 and "training mode" in notes[0] and "reached max_steps=5" in notes[1]
+    assert [type(n) for n in notes] == [nbattr.TrainingModeWarning, nbattr.MaxStepsWarning]
+    assert "training mode" in str(notes[0]) and "reached max_steps=5" in str(notes[1])
     assert len(recwarn) == 0
     # outside a block: a UserWarning at the caller's line
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         nbattr.attribute(net, _x(1), method="saliency")
     assert [c.filename for c in caught] == [__file__]
+
+
+def test_each_kind_of_warning_is_its_own_category_and_can_be_silenced():
+    """Users silence one kind by category, not by matching message text."""
+    import warnings
+
+    assert issubclass(nbattr.CoarseDeltaWarning, nbattr.CompletenessWarning)
+    assert issubclass(nbattr.BaselineJumpWarning, nbattr.CompletenessWarning)
+    assert all(issubclass(c, nbattr.NbattrWarning) and issubclass(c, UserWarning)
+               for c in (nbattr.CompletenessWarning, nbattr.MissingRuleWarning, nbattr.TrainingModeWarning,
+                         nbattr.NonFiniteWarning, nbattr.MaxStepsWarning))
+    net = torch.nn.Sequential(cnn(), torch.nn.Dropout(0.0)).train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", category=nbattr.MaxStepsWarning)
+        nbattr.attribute(net, _x(1), steps="auto", tol=1e-12, max_steps=5)
+    assert [c.category for c in caught] == [nbattr.TrainingModeWarning]
