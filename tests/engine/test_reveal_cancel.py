@@ -321,6 +321,22 @@ def test_cnn_conserves(act, seed):
     assert r.params["reveal_cancel_fallback"] == {}
 
 
+@pytest.mark.parametrize("scale", [1e-10, 1e-5, 1e4])
+def test_relu_network_is_scale_free(scale):
+    """A bias-free ReLU network is homogeneous, f(c x) = c f(x), and so are its RevealCancel
+    attributions: the split's tolerance is relative for a piecewise-linear f. (With an absolute
+    floor of 1 every Δt± of activations ~1e-10 took the limit, a kink inside nearly each: 70-280%
+    off on randomly initialised MobileNetV2 and MnasNet.)"""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1, bias=False), nn.ReLU(), nn.Conv2d(6, 6, 3, bias=False),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(6 * 6 * 6, 3, bias=False)).eval()
+    x, base = torch.randn(4, 2, 8, 8), torch.randn(4, 2, 8, 8) * 0.5
+    r1, rc_ = rc(model, x, base, target=1), rc(model, x * scale, base * scale, target=1)
+    assert torch.allclose(rc_.attributions, r1.attributions * scale, rtol=1e-7, atol=1e-12 * scale)
+    gap = (rc_.outputs - rc_.baseline_outputs).abs()
+    assert (rc_.delta.abs() <= 1e-9 * gap).all(), rc_.delta / gap
+
+
 class Gates(nn.Module):
     """A gate as in an LSTM: W x + U x' + b, chunked, with functional and in-place calls, a
     matmul with a constant matrix, a 1-d conv and a negative scale before a nonlinearity."""
