@@ -260,7 +260,7 @@ class Explain(anywidget.AnyWidget):
         except ValueError:
             return name
 
-    def _engine_call(self, method: str, baseline: str, target: Any, steps: int | str) -> tuple[Any, list[str]]:
+    def _engine_call(self, method: str, baseline: str, target: Any, steps: int | str) -> tuple[Any, list[Warning]]:
         """The engine's result and its warnings (shown in the receipt; from the worker thread they
         would land in whatever notebook cell ran last)."""
         known = all_methods()
