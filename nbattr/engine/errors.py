@@ -1,4 +1,4 @@
-"""Errors raised by the engine. Each names the problem it found."""
+"""Errors raised and warnings given by the engine. Each names the problem it found."""
 
 
 class NbattrError(Exception):
