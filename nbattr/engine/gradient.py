@@ -527,8 +527,6 @@ def _slope_at_baseline(p: Problem, r: Any) -> Tensor | None:
 
 #: fixed steps: warn where |delta| exceeds this fraction of |F(x) - F(x')| (the widget's red mark)
 COARSE_DELTA = 0.05
-#: the start of that warning (a CoarseDeltaWarning, or a BaselineJumpWarning where the jump is found)
-COARSE_WARNING = "integrated_gradients: |delta| is more than"
 
 
 #: a jump at the baseline: at least this share of F(x) - F(x') between alpha = 0 and the first
@@ -578,13 +576,9 @@ def baseline_jumps(r: Any, slope0: Tensor | None = None) -> dict[int, float]:
     return out
 
 
-#: the words that start :func:`_jump_advice` in a warning
-JUMP_WARNING = "The score jumps at the baseline"
-
-
 def _jump_advice(jumps: dict[int, float]) -> str:
     shown = ", ".join(f"#{i} by alpha ~ {a:.1g}" for i, a in list(jumps.items())[:8])
-    return (f" {JUMP_WARNING} (it covers F(x) - F(x') for example {shown}): the model is degenerate there "
+    return (f" The score jumps at the baseline (it covers F(x) - F(x') for example {shown}): the model is degenerate there "
             "(it normalises an all-zero input, for instance), and the path integral needs a great many points "
             "or does not converge. Choose another baseline ('blur', 'uniform', 'mean') or use DeepLIFT.")
 
@@ -606,7 +600,7 @@ def _warn_if_coarse(r: Any, what: str, slope0: Callable[[], Tensor | None] | Non
                  if i in bad}
         advice = (_jump_advice(jumps) if jumps else
                   " The score changes too sharply along the path for so few points: use steps='auto' or more steps.")
-        warn(f"{COARSE_WARNING} {100 * COARSE_DELTA:g}% of |F(x) - F(x')| with {what} (per example: {shown}).{advice}",
+        warn(f"integrated_gradients: |delta| is more than {100 * COARSE_DELTA:g}% of |F(x) - F(x')| with {what} (per example: {shown}).{advice}",
              BaselineJumpWarning if jumps else CoarseDeltaWarning)
 
 

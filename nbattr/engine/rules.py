@@ -1929,13 +1929,9 @@ def record_first_forward(model: Any, options: dict[str, Any]) -> Callable[[], _R
     return _Recorder
 
 
-#: what follows ``"<method>: "`` in the warning about operations without a rule
-NO_RULE = "no rule for"
-
-
 def _warn_unsupported(method: str, unsupported: dict[str, int], consequence: str) -> None:
     if unsupported:
-        warn(f"{method}: {NO_RULE} {_ops_text(unsupported)}; plain gradient used, {consequence}", MissingRuleWarning)
+        warn(f"{method}: no rule for {_ops_text(unsupported)}; plain gradient used, {consequence}", MissingRuleWarning)
 
 
 @register(

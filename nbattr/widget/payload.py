@@ -69,11 +69,11 @@ def build(attr: Any, kind: str, label: str | None = None, notes: list[Warning] |
     total = float(a[0].sum())
     # a delta off by more than 5% is the receipt's own red mark, with its advice on hover; a jump at
     # the baseline is not (more steps do not help there: a BaselineJumpWarning), so that note stays
-    notes = [n for n in notes or () if not isinstance(n, CoarseDeltaWarning)]
+    kept = [n for n in notes or () if not isinstance(n, CoarseDeltaWarning)]
     unsupported = {str(k): int(v) for k, v in (attr.unsupported or {}).items()}
     # the warning about operations without a rule becomes the badge's hover text (the badge lists them)
-    rule_notes = list(dict.fromkeys(str(n) for n in notes if unsupported and isinstance(n, MissingRuleWarning)))
-    notes = [n for n in dict.fromkeys(str(n) for n in notes) if n not in rule_notes]
+    rule_notes = [str(n) for n in kept if unsupported and isinstance(n, MissingRuleWarning)]
+    notes = list(dict.fromkeys(str(n) for n in kept if str(n) not in rule_notes))
     out["receipt"] = {
         "method": attr.method,
         "target": int(attr.target[0]),
