@@ -7,6 +7,9 @@ import { renderTokens, renderBars } from "./tokens.js";
 import { createPlayer } from "./player.js";
 import { bindSelect, bindNumber, bindSteps, labelled, renderTopk } from "./controls.js";
 
+// the receipt's sampling error turns red above this fraction of the largest |attribution|
+const SAMPLING_BAD = 0.1;
+
 function div(cls, text) {
   const d = document.createElement("div");
   if (cls) d.className = cls;
@@ -191,6 +194,21 @@ function render({ model, el }) {
         receipt.lastChild.title = r.auto
           ? "sum of attributions is more than 5% off F(x) - F(x') at the most steps auto takes: untick auto and raise steps"
           : "sum of attributions is more than 5% off F(x) - F(x'): raise steps (or tick auto)";
+      }
+    }
+    if (r.stderr) {
+      // a sampling estimator: delta is ~0 whatever the draws, the standard error is its error
+      const st = r.stderr;
+      const rel = st.relative != null ? ` (${(100 * st.relative).toPrecision(2)}% of the largest)` : "";
+      line("sampling error", `± ${fmt(st.max)}${rel}`);
+      const row = receipt.lastChild;
+      row.classList.add("nbattr-stderr");
+      const over = st.draws != null ? ` over ${st.draws} ${st.of}` : "";
+      row.title = `the largest standard error of an attribution${over}; it shrinks as 1/√${st.of}`;
+      if (st.relative != null && st.relative > SAMPLING_BAD) {
+        row.classList.add("bad");
+        row.title += `. Above ${100 * SAMPLING_BAD}% the brightest parts of the map are not settled: `
+          + `more ${st.of}, e.g. Explain(..., options={"${r.method}": {"${st.of}": ${2 * (st.draws || 25)}}})`;
       }
     }
     line("time", r.cached ? "cached" : `${(r.seconds ?? 0).toFixed(3)} s`);

@@ -11,6 +11,8 @@ one directory::
       outputs.npy             (N,) the target score F(x)
       baseline_outputs.npy    (N,) F(x'), for methods with a baseline
       delta.npy               (N,) the completeness error, for methods that promise completeness
+      stderr.npy              (N, ...) the standard error of each attribution, for the sampling
+                              estimators (shapley_sampling, smoothgrad)
       param_<name>.npy        (N,) values a method reports per example in ``params`` (e.g.
                               ``steps``, ``converged`` of ``integrated_gradients(steps="auto")``)
       chunks/                 one marker file per finished chunk while a run is going on
@@ -67,7 +69,7 @@ from .errors import InputError, NbattrError
 FORMAT = "nbattr.dataset/1"
 #: per-example arrays besides the attributions: Attribution field -> file stem
 FIELDS = {"target": "targets", "outputs": "outputs", "baseline_outputs": "baseline_outputs",
-          "delta": "delta"}
+          "delta": "delta", "stderr": "stderr"}
 #: names of the files this module writes; with ``param_*.npy`` and ``chunks/`` the only ones
 #: ``overwrite=True`` removes
 _OWN_FILES = ("index.json", "attributions.npy", *(f"{stem}.npy" for stem in FIELDS.values()))
@@ -94,6 +96,7 @@ class DatasetAttributions:
     index : the parsed ``index.json`` (method, settings, shapes, ``complete`` chunks, version).
     attributions : ``(N, ...)`` ``numpy.memmap``; rows of unfinished chunks are zeros.
     target, outputs, baseline_outputs, delta : ``(N,)`` arrays, or None where the method has none.
+    stderr : ``(N, ...)`` like ``attributions``, for the sampling estimators; else None.
     done : ``(N,)`` bool, the examples whose chunk is finished.
     per_example : ``params`` entries a method reports per example (e.g. ``steps``, ``converged``
         and ``delta_reached`` of ``integrated_gradients(steps="auto")``), as ``(N,)`` arrays.
@@ -106,6 +109,7 @@ class DatasetAttributions:
     outputs: np.ndarray
     baseline_outputs: np.ndarray | None = None
     delta: np.ndarray | None = None
+    stderr: np.ndarray | None = None
     done: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     per_example: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -167,7 +171,7 @@ def load(path: str | os.PathLike) -> DatasetAttributions:
     return DatasetAttributions(path=path, index=index, attributions=arrays["attributions"],
                                target=arrays["target"], outputs=arrays["outputs"],
                                baseline_outputs=arrays.get("baseline_outputs"),
-                               delta=arrays.get("delta"), done=done,
+                               delta=arrays.get("delta"), stderr=arrays.get("stderr"), done=done,
                                per_example={k[6:]: v for k, v in arrays.items() if k.startswith("param:")})
 
 

@@ -652,7 +652,11 @@ SMOOTHGRAD_VARIANTS = ("smoothgrad", "smoothgrad_sq", "vargrad")
 @measures_first_forward
 def smoothgrad(p: Problem, *, samples: int = 50, noise_level: float = 0.15, variant: str = "smoothgrad",
                multiply_by_inputs: bool = False, seed: int = 0) -> object:
-    """``noise_level`` is the noise's standard deviation as a fraction of each example's range."""
+    """``noise_level`` is the noise's standard deviation as a fraction of each example's range.
+
+    ``stderr`` (variant ``"smoothgrad"``, ``samples`` >= 2): the standard error of the mean
+    gradient over the noise samples, times |x| with ``multiply_by_inputs``; None for the
+    ``smoothgrad_sq`` and ``vargrad`` variants (their error needs fourth moments)."""
     if variant not in SMOOTHGRAD_VARIANTS:
         raise InputError(f"unknown smoothgrad variant {variant!r}; choose one of {SMOOTHGRAD_VARIANTS}")
     if not isinstance(samples, int) or samples < 1:
@@ -686,9 +690,15 @@ def smoothgrad(p: Problem, *, samples: int = 50, noise_level: float = 0.15, vari
 
     p.gradient_pass(samples * n, points, consume)
     mean1, mean2 = total1 / samples, total2 / samples
-    out = {"smoothgrad": mean1, "smoothgrad_sq": mean2, "vargrad": (mean2 - mean1 * mean1).clamp_min(0)}[variant]
+    spread = (mean2 - mean1 * mean1).clamp_min(0)  # the gradients' variance over the noise (1/samples)
+    out = {"smoothgrad": mean1, "smoothgrad_sq": mean2, "vargrad": spread}[variant]
+    # the mean's standard error: sample variance / samples (below ~sqrt(eps) |mean| it is rounding)
+    stderr = (spread / (samples - 1)).sqrt() if variant == "smoothgrad" and samples > 1 else None
     if multiply_by_inputs:
-        out = out * _per_target(p, x)
+        scale = _per_target(p, x)
+        out = out * scale
+        stderr = None if stderr is None else stderr * scale.abs()
     return p.result("smoothgrad", out, params={"samples": samples, "noise_level": noise_level,
                                                "variant": variant, "seed": seed,
-                                               "multiply_by_inputs": multiply_by_inputs})
+                                               "multiply_by_inputs": multiply_by_inputs},
+                    stderr=stderr)

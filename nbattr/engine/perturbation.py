@@ -342,7 +342,11 @@ def shapley_sampling(p: Problem, *, permutations: int = 25, feature_mask: object
         ``ShapleyValueSampling`` instead gives every element of a group the full group value;
         group sums here equal Captum's per-element values.)
         ``params`` holds ``feature_mask`` (the resolved labels: non-batch shape if shared, else
-        ``(N, ...)``), ``groups`` (G), ``permutations`` and ``seed``.
+        ``(N, ...)``), ``groups`` (G), ``permutations`` and ``seed``. ``stderr`` is the standard
+        error of each estimate (the standard deviation of the group's contributions over the
+        orderings / sqrt(permutations), spread over its elements like the value; None for one
+        ordering): ``delta`` is ~0 however few orderings there are, so ``stderr`` is the
+        estimate's error to read (it shrinks as 1/sqrt(permutations)).
     """
     if not _is_int(permutations) or permutations < 1:
         raise InputError(f"permutations must be an int >= 1, got {permutations!r}")
@@ -389,13 +393,23 @@ def shapley_sampling(p: Problem, *, permutations: int = 25, feature_mask: object
     for k in range(permutations):
         phi.index_add_(1, order[k], marginal[k].to(phi.dtype))
     phi = phi / permutations
+    stderr = None
+    if permutations > 1:  # the spread of a group's contributions over the orderings (two passes: no cancellation)
+        var = torch.zeros_like(phi)
+        for k in range(permutations):
+            dev_k = marginal[k].to(phi.dtype) - phi[:, order[k]]
+            var.index_add_(1, order[k], dev_k * dev_k)
+        stderr = (var / (permutations - 1) / permutations).sqrt()
     sizes = torch.zeros(n, groups, dtype=x.dtype, device=dev)
     sizes.scatter_add_(1, flat_lab, torch.ones_like(flat_lab, dtype=x.dtype))
     # A label an example does not use (per-example masks) has size 0 there and is never gathered.
     attributions = (phi / sizes.clamp_min(1)).gather(1, flat_lab).view_as(x)
+    if stderr is not None:
+        stderr = (stderr / sizes.clamp_min(1)).gather(1, flat_lab).view_as(x)
     mask_param = lab[0].clone() if shared else lab.clone()
     return p.result(
         "shapley_sampling", attributions, completeness=True, uses_baseline=True,
         params={"permutations": permutations, "groups": groups, "seed": seed,
                 "feature_mask": mask_param},
+        stderr=stderr,
     )

@@ -725,6 +725,8 @@ class Problem:
             base_out = self.baseline_outputs if base_out is None else base_out
             baselines = self.baselines if baselines is None else baselines
         attributions = attributions.to(self.inputs.dtype)  # half precisions were accumulated wider
+        if fields.get("stderr") is not None:
+            fields["stderr"] = fields["stderr"].detach().to(self.inputs.dtype)
         _warn_nonfinite(method, attributions)
         delta = None
         if completeness:

@@ -31,13 +31,19 @@ class Attribution:
         (interior gradients); kept for interior_gradients and for IG with ``keep_path=True``.
     unsupported : operation name -> number of calls that had no rule and were differentiated
         plainly (rule-based methods only; empty means every operation had a rule).
+    stderr : ``(N, ...)`` like ``attributions``: the Monte-Carlo standard error of each attribution,
+        for the sampling estimators (``shapley_sampling``: over its orderings; ``smoothgrad``'s
+        mean variant: over its noise samples); None for exact methods and where it is not
+        estimable (a single ordering or sample). ``delta`` cannot show this error: every
+        ordering of Shapley sampling sums exactly to F(x) - F(x'), however few there are.
 
     Several targets per example
     ---------------------------
     When :func:`nbattr.attribute` is given K targets per example (an ``(N, K)`` target or
     ``"topK"``), every per-example tensor carries a K axis right after N: ``attributions``
     ``(N, K, ...)``, ``target``, ``outputs``, ``baseline_outputs`` and ``delta`` ``(N, K)``,
-    ``path_outputs`` ``(S, N, K)``, ``path_gradients`` ``(S, N, K, ...)``; ``inputs``,
+    ``path_outputs`` ``(S, N, K)``, ``path_gradients`` ``(S, N, K, ...)``, ``stderr``
+    ``(N, K, ...)``; ``inputs``,
     ``baselines`` and ``alphas`` have no K axis (they do not depend on the target). ``multi`` is
     then True. :meth:`for_target` and :meth:`split` return ordinary single-target results.
     """
@@ -55,6 +61,7 @@ class Attribution:
     path_outputs: Tensor | None = None
     path_gradients: Tensor | None = None
     unsupported: dict[str, int] = field(default_factory=dict)
+    stderr: Tensor | None = None
 
     @property
     def shape(self) -> torch.Size:
@@ -92,6 +99,7 @@ class Attribution:
             delta=pick(self.delta, 1),
             path_outputs=pick(self.path_outputs, 2),
             path_gradients=pick(self.path_gradients, 2),
+            stderr=pick(self.stderr, 1),
             params={k_: v for k_, v in self.params.items() if k_ != "targets"},
             unsupported=dict(self.unsupported),
         )
@@ -131,6 +139,7 @@ class Attribution:
             delta=join("delta", 1),
             path_outputs=join("path_outputs", 2),
             path_gradients=join("path_gradients", 2),
+            stderr=join("stderr", 1),
             params={**first.params, **(params or {})},
             unsupported=unsupported,
         )
@@ -171,6 +180,8 @@ class Attribution:
             row += f" sum={float(self.total()[i]):.6g}"
             if self.delta is not None:
                 row += f" delta={float(self.delta[i]):.3g}"
+            if self.stderr is not None:
+                row += f" stderr<={float(self.stderr[i].abs().max()):.3g}"
             lines.append(row)
         if n > 8:
             lines.append(f"  ... {n - 8} more")

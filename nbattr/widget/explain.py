@@ -57,6 +57,34 @@ def bundle_present() -> bool:
     return (STATIC / "widget.js").is_file()
 
 
+#: engine options the widget sets itself (traits, or what its views need)
+OWN_OPTIONS = ("steps", "keep_path", "target", "baseline")
+
+
+def _check_options(options: Mapping[str, Mapping[str, Any]] | None, known: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``options`` as ``{method: {option: value}}``, every name checked against the registry."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise ValueError(f"options must map method names to dicts of their options, got {type(options).__name__}")
+    out = {}
+    for method, opts in options.items():
+        if method not in known:
+            raise ValueError(f"options: unknown method {method!r}; known: {sorted(known)}")
+        if not isinstance(opts, Mapping):
+            raise ValueError(f"options[{method!r}] must be a dict of {method}'s options, got {type(opts).__name__}")
+        own = sorted(set(opts) & set(OWN_OPTIONS))
+        if own:
+            raise ValueError(f"options[{method!r}]: {own} are the widget's own (steps= and the controls set them)")
+        valid = set(known[method].options)
+        bad = sorted(set(opts) - valid)
+        if bad:
+            raise ValueError(f"options[{method!r}]: {method} has no option(s) {bad}; its options are: "
+                             f"{', '.join(sorted(valid)) or 'none'}")
+        out[method] = dict(opts)
+    return out
+
+
 class Explain(anywidget.AnyWidget):
     """Live attribution view for one input: image overlay, token bars or feature bars.
 
@@ -78,6 +106,10 @@ class Explain(anywidget.AnyWidget):
     ``AUTO_MAX_STEPS`` gradients; the α frames are then its Clenshaw-Curtis nodes, crowded at
     both ends); an int fixes it (evenly spaced trapezoid frames including α = 0 and 1). Path
     methods without an adaptive rule (interior gradients) take ``FIXED_STEPS`` under "auto".
+    options : per-method engine options, ``{method: {option: value}}`` (names from
+        :func:`nbattr.methods`), e.g. ``{"shapley_sampling": {"permutations": 8}}`` for a quicker,
+        rougher view (the receipt shows its sampling error) or ``{"occlusion": {"window": 32}}``.
+        Checked here; ``steps``, ``keep_path``, ``target`` and ``baseline`` are the widget's own.
     image : what to draw under the map (defaults to ``x`` min-max scaled).
     prefetch : after the chosen (method, baseline, target, steps) is computed and shown, compute the
         other top-k classes in the background in ONE multi-target engine call, so that clicking
@@ -147,6 +179,7 @@ class Explain(anywidget.AnyWidget):
         prefetch: bool = True,
         prefetch_after: float | None = 3.0,
         forward_kwargs: Mapping[str, Any] | None = None,
+        options: Mapping[str, Mapping[str, Any]] | None = None,
         **kwargs: Any,
     ) -> None:
         if steps != "auto" and (isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 2):
@@ -158,6 +191,7 @@ class Explain(anywidget.AnyWidget):
         bad = [m for m in names if m not in known]
         if bad:
             raise ValueError(f"unknown method(s) {bad}; known: {sorted(known)}")
+        self._options = _check_options(options, known)
         if tokens is not None:
             kind = "text"
             x = x.reshape(1, -1) if x.dim() == 1 else x
@@ -276,6 +310,7 @@ class Explain(anywidget.AnyWidget):
             steps = FIXED_STEPS if steps == "auto" else int(steps)  # the trait holds ints >= 2
             if "rule" in info.options:
                 opts["rule"] = "riemann_trapezoid"  # evenly spaced α frames including 0 and 1
+        opts.update(self._options.get(method, {}))  # the user's choice over the widget's defaults
         if "keep_path" in info.options:
             opts["keep_path"] = True
         notes: list[Warning] = []

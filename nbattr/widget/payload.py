@@ -58,6 +58,20 @@ def _steps_used(attr: Any) -> int | None:
     return None if s is None else int(s)
 
 
+def _stderr(attr: Any, a: np.ndarray) -> dict[str, Any] | None:
+    """A sampling estimator's error for the receipt: its largest standard error, also as a fraction
+    of the largest |attribution| (what decides whether the map's brightest parts are settled), and
+    the draws it came from. None for exact methods."""
+    if attr.stderr is None:
+        return None
+    s = float(np.abs(_np(attr.stderr)[0]).max())
+    top = float(np.abs(a[0]).max())
+    draws = attr.params.get("permutations", attr.params.get("samples"))
+    return {"max": s, "relative": s / top if top > 0 else None,
+            "draws": None if draws is None else int(draws),
+            "of": "permutations" if "permutations" in attr.params else "samples"}
+
+
 def build(attr: Any, kind: str, label: str | None = None, notes: list[Warning] | None = None) -> dict[str, Any]:
     """The payload of one single-target result; ``notes``: the engine's warnings for it, as
     :func:`nbattr.watch` hands them over (the receipt lists them, each once, except those the
@@ -89,6 +103,7 @@ def build(attr: Any, kind: str, label: str | None = None, notes: list[Warning] |
         "auto": "tol" in attr.params,  # the engine chose the steps (steps="auto")
         "notes": notes,
         "params": {k: v for k, v in attr.params.items() if isinstance(v, (int, float, str, bool, type(None)))},
+        "stderr": _stderr(attr, a),
     }
     if attr.path_gradients is not None and attr.path_outputs is not None and attr.baselines is not None:
         g = _np(attr.path_gradients)[:, 0]  # (S, ...)

@@ -326,6 +326,10 @@ def test_explain_widget_in_jupyterlab(lab):
             assert select.input_value() == "smoothgrad"
             wait_idle(root)
             page.wait_for_function(f"(c) => ({SIG})(c) !== {sig_before}", arg=canvas.element_handle(), timeout=30_000)
+            # a sampling estimator: its standard error in the receipt, with what it was estimated from
+            st = root.locator(".nbattr-receipt .nbattr-stderr")
+            assert st.count() == 1 and "sampling error" in st.inner_text() and "±" in st.inner_text()
+            assert "over 50 samples" in st.get_attribute("title")
             run_cell(2)
             out = page.locator(".jp-Cell").nth(2).locator(".jp-OutputArea-output")
             out.wait_for(timeout=30_000)

@@ -35,7 +35,7 @@ def data(n: int = 10, d: int = 6, seed: int = 1) -> torch.Tensor:
 def assert_same_as(stored: ds.DatasetAttributions, direct: nbattr.Attribution, rtol: float = 1e-12,
                    atol: float = 1e-13) -> None:
     pairs = [("attributions", direct.attributions), ("target", direct.target), ("outputs", direct.outputs),
-             ("baseline_outputs", direct.baseline_outputs), ("delta", direct.delta)]
+             ("baseline_outputs", direct.baseline_outputs), ("delta", direct.delta), ("stderr", direct.stderr)]
     for name, want in pairs:
         got = getattr(stored, name)
         if want is None:
@@ -45,7 +45,7 @@ def assert_same_as(stored: ds.DatasetAttributions, direct: nbattr.Attribution, r
 
 
 def assert_same_files(a: ds.DatasetAttributions, b: ds.DatasetAttributions, exact: bool = False) -> None:
-    for name in ("attributions", "target", "outputs", "baseline_outputs", "delta"):
+    for name in ("attributions", "target", "outputs", "baseline_outputs", "delta", "stderr"):
         x, y = getattr(a, name), getattr(b, name)
         assert (x is None) == (y is None), name
         if x is None:
@@ -199,6 +199,15 @@ def test_images_with_other_methods(tmp_path: Path, method: str, opts: dict) -> N
     r = attribute_dataset(m, x, method, out=tmp_path, chunk_size=2, progress=False, **opts)
     assert r.attributions.shape == (3, 3, 16, 16)
     assert_same_as(r, nbattr.attribute(m, x, method=method, **opts))
+
+
+def test_sampling_error_is_written(tmp_path: Path) -> None:
+    """Shapley sampling uses the same orderings for every example: chunking changes nothing."""
+    m, x = mlp(0), data(7)
+    r = attribute_dataset(m, x, "shapley_sampling", out=tmp_path, chunk_size=3, permutations=5, progress=False)
+    assert (tmp_path / "stderr.npy").exists() and r.stderr.shape == x.shape
+    assert_same_as(r, nbattr.attribute(m, x, method="shapley_sampling", permutations=5))
+    assert "stderr" in r.tensors()
 
 
 def test_seeded_random_method_draws_per_chunk(tmp_path: Path) -> None:

@@ -293,6 +293,40 @@ def test_custom_baseline_and_methods_restriction(cnn, image):
     w.close()
 
 
+def test_per_method_options_reach_the_engine_and_the_receipt_shows_the_sampling_error(cnn, image):
+    """Shapley sampling's delta is ~0 whatever the draws: the receipt shows its standard error."""
+    import nbattr
+
+    w = Explain(cnn, image, method="shapley_sampling",
+                options={"shapley_sampling": {"permutations": 3, "seed": 5}, "occlusion": {"window": 8}})
+    assert w.wait(60) and not w.error
+    r = w.receipt
+    assert r["params"]["permutations"] == 3 and r["params"]["seed"] == 5
+    direct = nbattr.attribute(cnn, image[None], method="shapley_sampling", target=w.target, permutations=3, seed=5)
+    st = r["stderr"]
+    assert st["draws"] == 3 and st["of"] == "permutations"
+    assert st["max"] == pytest.approx(float(direct.stderr.abs().max()), rel=1e-5)
+    assert st["relative"] == pytest.approx(st["max"] / float(direct.attributions.abs().max()), rel=1e-5)
+    assert abs(r["delta"]) < 1e-4 * max(1.0, abs(r["gap"]))  # however few orderings
+    w.method = "occlusion"
+    assert w.wait(30) and w.receipt["params"]["windows"] == 4 and w.receipt["stderr"] is None
+    w.method = "smoothgrad"
+    assert w.wait(30) and w.receipt["stderr"]["of"] == "samples" and w.receipt["stderr"]["draws"] == 50
+    w.close()
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"nope": {}}, "unknown method 'nope'"),
+    ({"shapley_sampling": {"permutation": 3}}, r"has no option\(s\) \['permutation'\]; its options are: feature_mask"),
+    ({"integrated_gradients": {"steps": 8}}, r"\['steps'\] are the widget's own"),
+    ({"occlusion": 8}, r"options\['occlusion'\] must be a dict"),
+    ([("occlusion", {})], "options must map method names"),
+])
+def test_bad_per_method_options_are_named(cnn, image, options, match):
+    with pytest.raises(ValueError, match=match):
+        Explain(cnn, image, options=options)
+
+
 def test_compare_mode_grid(cnn, image):
     w = Explain(cnn, image, steps=8, methods=["integrated_gradients", "saliency"])
     w.wait(30)
