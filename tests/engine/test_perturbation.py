@@ -307,6 +307,7 @@ def test_occlusion_bad_options(opts, msg):
     ({"feature_mask": torch.tensor([0, 0, 1, 3, 3, 3])}, "label no element"),
     ({"feature_mask": torch.tensor([0, 0, 1, -1, 1, 1])}, ">= 0"),
     ({"seed": "a"}, "seed"),
+    ({"antithetic": 1}, "antithetic must be True or False"),
 ])
 def test_shapley_bad_options(opts, msg):
     with pytest.raises(nbattr.InputError, match=msg):
@@ -317,4 +318,4 @@ def test_registered():
     info = nbattr.methods()
     assert info["occlusion"].needs_baseline and not info["occlusion"].completeness
     assert info["shapley_sampling"].completeness and info["shapley_sampling"].needs_baseline
-    assert info["shapley_sampling"].options == {"permutations": 25, "feature_mask": None, "seed": 0}
+    assert info["shapley_sampling"].options == {"permutations": 25, "feature_mask": None, "seed": 0, "antithetic": True}

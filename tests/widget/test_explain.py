@@ -298,13 +298,13 @@ def test_per_method_options_reach_the_engine_and_the_receipt_shows_the_sampling_
     import nbattr
 
     w = Explain(cnn, image, method="shapley_sampling",
-                options={"shapley_sampling": {"permutations": 3, "seed": 5}, "occlusion": {"window": 8}})
+                options={"shapley_sampling": {"permutations": 4, "seed": 5}, "occlusion": {"window": 8}})
     assert w.wait(60) and not w.error
     r = w.receipt
-    assert r["params"]["permutations"] == 3 and r["params"]["seed"] == 5
-    direct = nbattr.attribute(cnn, image[None], method="shapley_sampling", target=w.target, permutations=3, seed=5)
+    assert r["params"]["permutations"] == 4 and r["params"]["seed"] == 5
+    direct = nbattr.attribute(cnn, image[None], method="shapley_sampling", target=w.target, permutations=4, seed=5)
     st = r["stderr"]
-    assert st["draws"] == 3 and st["of"] == "permutations"
+    assert st["draws"] == 4 and st["of"] == "permutations"
     assert st["max"] == pytest.approx(float(direct.stderr.abs().max()), rel=1e-5)
     assert st["relative"] == pytest.approx(st["max"] / float(direct.attributions.abs().max()), rel=1e-5)
     assert abs(r["delta"]) < 1e-4 * max(1.0, abs(r["gap"]))  # however few orderings
@@ -317,7 +317,7 @@ def test_per_method_options_reach_the_engine_and_the_receipt_shows_the_sampling_
 
 @pytest.mark.parametrize("options, match", [
     ({"nope": {}}, "unknown method 'nope'"),
-    ({"shapley_sampling": {"permutation": 3}}, r"has no option\(s\) \['permutation'\]; its options are: feature_mask"),
+    ({"shapley_sampling": {"permutation": 3}}, r"has no option\(s\) \['permutation'\]; its options are: antithetic, feature_mask"),
     ({"integrated_gradients": {"steps": 8}}, r"\['steps'\] are the widget's own"),
     ({"occlusion": 8}, r"options\['occlusion'\] must be a dict"),
     ([("occlusion", {})], "options must map method names"),
