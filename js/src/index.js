@@ -208,7 +208,7 @@ function render({ model, el }) {
       if (st.relative != null && st.relative > SAMPLING_BAD) {
         row.classList.add("bad");
         row.title += `. Above ${100 * SAMPLING_BAD}% the brightest parts of the map are not settled: `
-          + `more ${st.of}, e.g. Explain(..., options={"${r.method}": {"${st.of}": ${2 * (st.draws || 25)}}})`;
+          + `more ${st.of}, e.g. Explain(..., options={"${r.method}": {"${st.of}": ${2 * (st.draws || 24)}}})`;
       }
     }
     line("time", r.cached ? "cached" : `${(r.seconds ?? 0).toFixed(3)} s`);

@@ -108,7 +108,7 @@ def attribute(
             return info.fn(problem, **opts)
         if getattr(info.fn, "multi_target", False):
             r = info.fn(problem, **opts)
-            r.params["targets"] = f"{problem.k} per example, one forward and {problem.k} backward passes"
+            r.params.setdefault("targets", f"{problem.k} per example, one forward and {problem.k} backward passes")
             return r
         # no native multi-target path: one run per target on a view sharing input and baselines
         parts = []

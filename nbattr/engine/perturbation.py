@@ -16,6 +16,10 @@ output), described over its non-batch shape:
 
 Occlusion slides that window; Shapley sampling uses the non-overlapping tiling by it as its
 default grouping (``feature_mask``).
+
+Several targets per example (``target="top5"``, an ``(N, K)`` tensor) cost nothing extra: every
+model evaluation gives all K target scores, so both methods take the same forward passes for K
+targets as for one (where a gradient method needs K backward passes).
 """
 
 from __future__ import annotations
@@ -29,11 +33,11 @@ from torch import Tensor
 
 from .errors import InputError
 from .problem import Problem, accumulation_dtype
-from .registry import measures_first_forward, register
+from .registry import measures_first_forward, multi_target, register
 
 WindowSpec = int | Sequence[int] | None
 
-#: the permutation with index k is drawn from a CPU generator seeded with seed * _SEED_MUL + k
+#: random draw j (a permutation) comes from a CPU generator seeded with seed * _SEED_MUL + j
 _SEED_MUL = 1_000_003
 
 
@@ -169,6 +173,7 @@ def _outer_and(masks: list[Tensor]) -> Tensor:
     "covering each element (Zeiler & Fergus 2014).",
     needs_baseline=True,
 )
+@multi_target  # every forward gives all K target scores
 @measures_first_forward  # the widest activation per row bounds a CPU chunk (batching.cpu_row_cap)
 def occlusion(p: Problem, *, window: WindowSpec = None, stride: WindowSpec = None,
               fill: float | None = None) -> object:
@@ -229,7 +234,8 @@ def occlusion(p: Problem, *, window: WindowSpec = None, stride: WindowSpec = Non
         per = ((a.unsqueeze(0) >= starts) & (a.unsqueeze(0) < starts + w)).sum(0).to(x.dtype)
         cover = cover * per.view(*([1] * d), -1, *([1] * (len(shape) - d - 1)))
 
-    total = torch.zeros_like(x, dtype=accumulation_dtype(x.dtype))
+    # (N, K, ...) with K targets per example: the K scores of each forward, accumulated per target
+    total = torch.zeros((n, p.k, *shape), dtype=accumulation_dtype(x.dtype), device=dev)
 
     # Flat point index i is window i // N of example i % N.
     def points(idx: Tensor) -> tuple[Tensor, Tensor]:
@@ -238,14 +244,19 @@ def occlusion(p: Problem, *, window: WindowSpec = None, stride: WindowSpec = Non
         return torch.where(mask, fill_t[rows], x[rows]), rows
 
     def consume(idx: Tensor, rows: Tensor, s: Tensor) -> None:
-        drop = (p.outputs[rows] - s).to(total.dtype)
+        drop = (p.outputs[rows] - s).to(total.dtype).view(len(rows), p.k)
         mask = _outer_and(dim_masks(idx // n)).to(total.dtype)
-        total.index_add_(0, rows, mask * p.expand(drop, len(rows)))
+        for j in range(p.k):  # one target at a time: no (M, K, ...) temporary
+            total[:, j].index_add_(0, rows, mask * p.expand(drop[:, j].contiguous(), len(rows)))
 
     p.eval_pass(n_windows * n, points, consume)
     attributions = total / cover
+    if not p.multi:
+        attributions = attributions.squeeze(1)
     params = {"window": win, "stride": st, "fill": None if fill is None else float(fill),
               "windows": n_windows}
+    if p.multi:
+        params["targets"] = f"{p.k} per example, from the same {n_windows * n} forward rows as one"
     extra = {}
     if fill is None:
         params["baseline"] = p.baseline_name()
@@ -298,10 +309,11 @@ def resolve_feature_mask(feature_mask: object, inputs: Tensor) -> tuple[Tensor, 
 def permutation_ranks(permutations: int, groups: int, seed: int, antithetic: bool = False) -> Tensor:
     """``(P, G)``: ``ranks[k, g]`` is the position of group g in permutation k.
 
-    Permutation k is ``torch.randperm(G)`` from a CPU generator seeded with
-    ``seed * 1_000_003 + k``: the same whatever the device, chunking or number of permutations.
-    ``antithetic``: permutation 2j is the j-th of those draws and permutation 2j + 1 is its
-    reverse (``ranks = G - 1 - ranks[2j]``).
+    Draw j is ``torch.randperm(G)`` from a CPU generator seeded with ``seed * 1_000_003 + j``:
+    the same whatever the device, chunking or number of permutations (P orderings are the first
+    P of any larger count). Independent orderings: permutation k is draw k. ``antithetic``:
+    permutation 2j is draw j and permutation 2j + 1 its reverse (``ranks = G - 1 - ranks[2j]``);
+    an odd P leaves the last one unpaired.
     """
     ranks = torch.empty(permutations, groups, dtype=torch.long)
     pos = torch.arange(groups)
@@ -341,15 +353,19 @@ def _sampling_stderr(c: Tensor, antithetic: bool) -> Tensor | None:
     "Kononenko 2010); sums exactly to F(x) - F(x').",
     completeness=True, needs_baseline=True,
 )
+@multi_target  # every forward gives all K target scores
 @measures_first_forward
-def shapley_sampling(p: Problem, *, permutations: int = 25, feature_mask: object = None,
+def shapley_sampling(p: Problem, *, permutations: int = 24, feature_mask: object = None,
                      seed: int = 0, antithetic: bool = True) -> object:
     """Shapley value sampling over groups of elements, starting from the baseline.
 
     Parameters
     ----------
     p : the problem.
-    permutations : number of orderings of the groups.
+    permutations : number of orderings of the groups (with ``antithetic``, an even number: an
+        odd one leaves its last ordering unpaired, which carries a pair's weight with a single
+        ordering's error and can leave the estimate worse than one ordering fewer; 3 orderings
+        of a model with pairwise interactions are off where 2 are exact).
     feature_mask : integer labels ``0..G-1`` broadcastable to the non-batch shape (one grouping
         for all examples) or to ``(N, ...)``; elements with the same label form one feature.
         None groups like occlusion's default window tiling (per element for 1-D, per token for
@@ -397,10 +413,12 @@ def shapley_sampling(p: Problem, *, permutations: int = 25, feature_mask: object
     ranks = permutation_ranks(permutations, groups, seed, antithetic).to(dev)
     flat_lab = lab.reshape(n, -1)
 
-    # values[k, i, t]: the target score with the first t groups of ordering k switched to x.
-    values = torch.empty(permutations, n, groups + 1, dtype=x.dtype, device=dev)
-    values[:, :, 0] = p.baseline_outputs.to(x.dtype)
-    values[:, :, groups] = p.outputs.to(x.dtype)
+    # values[k, i, t, j]: target j's score with the first t groups of ordering k switched to x
+    # (K = 1 for a single target).
+    kk = p.k
+    values = torch.empty(permutations, n, groups + 1, kk, dtype=x.dtype, device=dev)
+    values[:, :, 0] = p.baseline_outputs.to(x.dtype).view(n, kk)
+    values[:, :, groups] = p.outputs.to(x.dtype).view(n, kk)
     inner = groups - 1
 
     def points(idx: Tensor) -> tuple[Tensor, Tensor]:
@@ -421,27 +439,34 @@ def shapley_sampling(p: Problem, *, permutations: int = 25, feature_mask: object
     def consume(idx: Tensor, _rows: Tensor, s: Tensor) -> None:
         t = idx % inner + 1
         kr = idx // inner
-        values[kr // n, kr % n, t] = s.to(x.dtype)
+        values[kr // n, kr % n, t] = s.to(x.dtype).view(len(idx), kk)
 
     p.eval_pass(permutations * n * inner, points, consume)
 
-    marginal = values[:, :, 1:] - values[:, :, :-1]  # (P, N, G): step t adds group order[k, t]
+    marginal = values[:, :, 1:] - values[:, :, :-1]  # (P, N, G, K): step t adds group order[k, t]
     order = torch.argsort(ranks, dim=1)  # (P, G): the group added at each step
-    # contrib[k, i, g]: group g's contribution in ordering k (a permutation of the steps)
-    contrib = torch.empty(permutations, n, groups, dtype=accumulation_dtype(x.dtype), device=dev)
-    contrib.scatter_(2, order[:, None, :].expand(permutations, n, groups), marginal.to(contrib.dtype))
-    phi = contrib.mean(0)
+    # contrib[k, i, g, j]: group g's contribution to target j in ordering k (a permutation of the steps)
+    contrib = torch.empty(permutations, n, groups, kk, dtype=accumulation_dtype(x.dtype), device=dev)
+    contrib.scatter_(2, order[:, None, :, None].expand(permutations, n, groups, kk), marginal.to(contrib.dtype))
+    phi = contrib.mean(0)  # (N, G, K)
     stderr = _sampling_stderr(contrib, antithetic)
     sizes = torch.zeros(n, groups, dtype=x.dtype, device=dev)
     sizes.scatter_add_(1, flat_lab, torch.ones_like(flat_lab, dtype=x.dtype))
-    # A label an example does not use (per-example masks) has size 0 there and is never gathered.
-    attributions = (phi / sizes.clamp_min(1)).gather(1, flat_lab).view_as(x)
-    if stderr is not None:
-        stderr = (stderr / sizes.clamp_min(1)).gather(1, flat_lab).view_as(x)
+    sizes = sizes.clamp_min(1).unsqueeze(2)
+    per_element = flat_lab.unsqueeze(2).expand(n, flat_lab.shape[1], kk)
+    out_shape = (n, kk, *x.shape[1:]) if p.multi else tuple(x.shape)
+
+    def spread(v: Tensor) -> Tensor:
+        """``(N, G, K)`` group values -> each element its group's share, ``(N, [K,] ...)``.
+        A label an example does not use (per-example masks) has size 0 there and is never gathered."""
+        return (v / sizes).gather(1, per_element).movedim(2, 1).reshape(out_shape)
+
+    attributions = spread(phi)
+    stderr = None if stderr is None else spread(stderr)
     mask_param = lab[0].clone() if shared else lab.clone()
-    return p.result(
-        "shapley_sampling", attributions, completeness=True, uses_baseline=True,
-        params={"permutations": permutations, "groups": groups, "seed": seed, "antithetic": antithetic,
-                "feature_mask": mask_param},
-        stderr=stderr,
-    )
+    params = {"permutations": permutations, "groups": groups, "seed": seed, "antithetic": antithetic,
+              "feature_mask": mask_param}
+    if p.multi:
+        params["targets"] = f"{kk} per example, from the same {permutations * n * inner} forward rows as one"
+    return p.result("shapley_sampling", attributions, completeness=True, uses_baseline=True,
+                    params=params, stderr=stderr)

@@ -75,8 +75,8 @@ def register(
 
 def multi_target(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Mark a method as computing several targets per example natively (one forward per point and
-    K backward passes): :func:`nbattr.attribute` loops over the targets otherwise, and the widget
-    prefetches the other top classes only for such methods."""
+    K backward passes; the perturbation methods read all K scores off each forward): :func:`nbattr.attribute`
+    loops over the targets otherwise, and the widget prefetches the other top classes only for such methods."""
     fn.multi_target = True  # type: ignore[attr-defined]
     return fn
 

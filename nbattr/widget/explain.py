@@ -114,9 +114,9 @@ class Explain(anywidget.AnyWidget):
     prefetch : after the chosen (method, baseline, target, steps) is computed and shown, compute the
         other top-k classes in the background in ONE multi-target engine call, so that clicking
         another top class is a cache hit. Only for methods with a native multi-target path
-        (saliency, gradient_x_input, integrated_gradients, interior_gradients, smoothgrad,
-        deeplift, epsilon_lrp: one forward per point and K backward passes); not in compare
-        mode. A plain attribute: ``w.prefetch = False`` turns it off later.
+        (every built-in one: the gradient and rule-based methods take one forward per point and
+        K backward passes, occlusion and Shapley sampling read all K scores off the same
+        forwards); not in compare mode. A plain attribute: ``w.prefetch = False`` turns it off later.
     prefetch_after : skip the prefetch when the chosen view took longer than this many seconds to
         compute (None: always prefetch). A request for one of the classes being prefetched waits
         for the prefetch and is served from its result, not computed again: at worst the rest of

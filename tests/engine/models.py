@@ -85,3 +85,22 @@ class Flaky(nn.Module):
         if self.calls == self.fail_on:
             raise RuntimeError("boom")
         return self.fc2(h)
+
+
+def register_looped_method(monkeypatch, name: str = "plain_gradient") -> str:  # noqa: ANN001
+    """Register, for one test, a method without a native multi-target path (every built-in method
+    has one): the plain input gradient of the target score, in one chunked gradient pass (which
+    reports progress and can be cancelled). Returns its name."""
+    from nbattr.engine import registry
+
+    def plain_gradient(p, *, scale: float = 1.0):  # noqa: ANN001, ANN202
+        out = torch.empty_like(p.inputs)
+
+        def consume(idx, _rows, _s, g):  # noqa: ANN001, ANN202
+            out[idx] = g
+
+        p.gradient_pass(p.n, lambda idx: (p.inputs[idx], idx), consume)
+        return p.result(name, scale * out)
+
+    monkeypatch.setitem(registry._METHODS, name, registry.MethodInfo(name, "test", plain_gradient, {"scale": 1.0}))
+    return name

@@ -10,13 +10,13 @@ from torch import nn
 import nbattr
 from nbattr.engine.result import Attribution
 
-from .models import CallCounter, cnn, mlp, text
+from .models import CallCounter, cnn, mlp, register_looped_method, text
 
 pytestmark = pytest.mark.usefixtures("float64")
 
 NATIVE = ("saliency", "gradient_x_input", "integrated_gradients", "interior_gradients", "smoothgrad",
           "deeplift", "deeplift_reveal_cancel", "epsilon_lrp")
-LOOPED = ("occlusion", "shapley_sampling")
+PERTURBATION = ("occlusion", "shapley_sampling")  # native too: all K scores from each forward
 OPTIONS = {
     "integrated_gradients": {"steps": 8, "keep_path": True},
     "interior_gradients": {"steps": 6, "alpha": 0.5},
@@ -38,7 +38,7 @@ def _same(multi: Attribution, single: Attribution, j: int) -> None:
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
 
 
-@pytest.mark.parametrize("method", NATIVE + LOOPED)
+@pytest.mark.parametrize("method", NATIVE + PERTURBATION)
 def test_multi_target_equals_one_run_per_target(method: str) -> None:
     opts = OPTIONS.get(method, {})
     method = ALIASES.get(method, method)
@@ -54,7 +54,7 @@ def test_multi_target_equals_one_run_per_target(method: str) -> None:
         torch.testing.assert_close(r.delta, r.total() - (r.outputs - r.baseline_outputs))
     if r.path_outputs is not None:
         assert r.path_outputs.shape == (len(r.alphas), 3, 2)
-    expected = "one forward and 2 backward" if method not in LOOPED else "one run per target"
+    expected = "one forward and 2 backward" if method not in PERTURBATION else "from the same"
     assert expected in r.params["targets"]
     for j in range(2):
         single = nbattr.attribute(m, x, method=method, target=targets[:, j], baseline=0.1, **opts)
@@ -250,3 +250,47 @@ def test_result_helpers() -> None:
     # an unbatched example takes N = 1 lists of K targets
     u = nbattr.attribute(m, x[0], method="saliency", target=[[1, 3]])
     assert u.attributions.shape == (1, 2, 6) and u.params["unbatched"]
+
+
+@pytest.mark.parametrize("method, opts", [("occlusion", {"window": (3, 4, 4)}),
+                                          ("shapley_sampling", {"permutations": 4})])
+def test_perturbation_methods_take_the_same_forwards_for_all_targets(method: str, opts: dict) -> None:
+    """Every forward gives all K scores: top-4 costs the model rows of one target (it was 4x)."""
+    m = CallCounter(cnn(1))
+    x = torch.randn(2, 3, 16, 16)
+    single = nbattr.attribute(m, x, method=method, batch_size=1000, **opts)
+    one_target = list(m.calls)
+    m.calls.clear()
+    r = nbattr.attribute(m, x, method=method, batch_size=1000, target="top4", **opts)
+    assert m.calls == one_target and sum(m.calls) > 4  # x, the baselines, the perturbations: once
+    assert r.attributions.shape == (2, 4, 3, 16, 16)
+    assert "from the same" in r.params["targets"]
+    _same(r, single, 0)  # the first of the top 4 is the default target
+
+
+def test_shapley_stderr_and_per_example_masks_per_target() -> None:
+    """stderr is kept per target, and per-example groupings are spread per target, as in single runs."""
+    m = mlp(5, act=nn.Tanh)
+    x = torch.randn(3, 6)
+    mask = torch.tensor([[0, 0, 1, 1, 2, 2], [0, 1, 2, 3, 4, 5], [0, 0, 0, 1, 1, 1]])
+    targets = torch.tensor([[3, 0, 2], [1, 1, 3], [0, 2, 3]])
+    for antithetic in (True, False):
+        opts = {"permutations": 7, "feature_mask": mask, "seed": 3, "antithetic": antithetic}
+        r = nbattr.attribute(m, x, method="shapley_sampling", target=targets, baseline=0.1, **opts)
+        assert r.stderr.shape == (3, 3, 6) and r.delta.abs().max() < 1e-10
+        for j in range(3):
+            single = nbattr.attribute(m, x, method="shapley_sampling", target=targets[:, j], baseline=0.1, **opts)
+            _same(r, single, j)
+            torch.testing.assert_close(r.for_target(j).stderr, single.stderr, rtol=1e-10, atol=1e-14)
+
+
+def test_a_method_without_a_native_path_runs_once_per_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A registered method not marked ``multi_target`` (a user's own) is looped over the targets."""
+    method = register_looped_method(monkeypatch)
+    m = mlp(3)
+    x = torch.randn(2, 6)
+    r = nbattr.attribute(m, x, method=method, target=[[0, 2], [1, 0]])
+    assert "one run per target" in r.params["targets"] and r.attributions.shape == (2, 2, 6)
+    for j, t in enumerate(([0, 1], [2, 0])):
+        want = nbattr.attribute(m, x, method="saliency", abs=False, target=t).attributions
+        torch.testing.assert_close(r.attributions[:, j], want)

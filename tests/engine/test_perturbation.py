@@ -318,4 +318,4 @@ def test_registered():
     info = nbattr.methods()
     assert info["occlusion"].needs_baseline and not info["occlusion"].completeness
     assert info["shapley_sampling"].completeness and info["shapley_sampling"].needs_baseline
-    assert info["shapley_sampling"].options == {"permutations": 25, "feature_mask": None, "seed": 0, "antithetic": True}
+    assert info["shapley_sampling"].options == {"permutations": 24, "feature_mask": None, "seed": 0, "antithetic": True}

@@ -98,6 +98,11 @@ def test_antithetic_pairs_are_exact_for_pairwise_interactions() -> None:
         assert r.stderr is None  # one pair: no spread to estimate
     r4 = nbattr.attribute(Pairwise(), x, method="shapley_sampling", permutations=4)
     assert float(r4.stderr.abs().max()) < 1e-14  # every pair exact: no sampling error
+    default = nbattr.attribute(Pairwise(), x, method="shapley_sampling")  # an even count: pairs only
+    torch.testing.assert_close(default.attributions[0], exact, rtol=1e-12, atol=1e-12)
+    odd = [nbattr.attribute(Pairwise(), x, method="shapley_sampling", permutations=3, seed=s).attributions[0]
+           for s in range(5)]  # the unpaired third ordering is not exact (the docstring's warning)
+    assert max(float((o - exact).abs().max()) for o in odd) > 0.1
     plain = [nbattr.attribute(Pairwise(), x, method="shapley_sampling", permutations=2, seed=s,
                               antithetic=False).attributions[0] for s in range(5)]
     assert max(float((p - exact).abs().max()) for p in plain) > 0.1

@@ -528,6 +528,11 @@ def test_progress_is_published_while_computing(cnn, image):
 
 
 def test_no_prefetch_for_methods_without_a_native_multi_target_path(cnn, image, monkeypatch):
+    """Every built-in method has one; a user's registered method without it is not prefetched."""
+    import nbattr
+    from tests.engine.models import register_looped_method
+
+    register_looped_method(monkeypatch, "plain_gradient")
     calls = []
     real = explain_mod.attribute
 
@@ -536,14 +541,34 @@ def test_no_prefetch_for_methods_without_a_native_multi_target_path(cnn, image, 
         return real(*a, **kw)
 
     monkeypatch.setattr(explain_mod, "attribute", spy)
-    w = Explain(cnn, image, methods=["deeplift", "occlusion", "saliency"], method="occlusion")
-    assert not w.prefetchable("occlusion") and not w.prefetchable("shapley_sampling")
-    assert w.prefetchable("saliency") and w.prefetchable("deeplift") and w.prefetchable("epsilon_lrp")
+    w = Explain(cnn, image, methods=["deeplift", "plain_gradient", "saliency"], method="plain_gradient")
+    assert not w.prefetchable("plain_gradient")
+    assert all(w.prefetchable(m) for m in nbattr.methods() if m != "plain_gradient")
     assert w.wait(30) and w.wait(30, prefetch=True)
     assert w._controller.prefetched == [] and calls == [w.target]
     w.target = w.topk[1]["index"]
     w.wait(30)
     assert w.receipt["cached"] is False and len(w._controller.computed) == 2
+    w.close()
+
+
+@pytest.mark.parametrize("method", ["occlusion", "shapley_sampling"])
+def test_perturbation_methods_prefetch_the_other_classes_from_the_same_forwards(cnn, image, method, monkeypatch):
+    """Occlusion and Shapley sampling read all K scores off each forward: the other top classes
+    come from one prefetch call, which equals computing each class alone."""
+    import nbattr
+
+    w = Explain(cnn, image, methods=[method, "saliency"], method=method,
+                options={"shapley_sampling": {"permutations": 4}}, prefetch_after=None)
+    assert w.wait(60) and w.wait(60, prefetch=True)
+    assert len(w._controller.prefetched) == len(w.topk) - 1
+    other = w.topk[2]["index"]
+    w.target = other
+    assert w.wait(30)
+    assert w.receipt["target"] == other and w.receipt["cached"] is True
+    opts = {"permutations": 4} if method == "shapley_sampling" else {}
+    alone = nbattr.attribute(cnn, image[None], method=method, target=other, **opts)
+    assert w.receipt["total"] == pytest.approx(float(alone.total()[0]), rel=1e-5, abs=1e-6)
     w.close()
 
 
