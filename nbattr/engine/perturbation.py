@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .errors import InputError
 from .problem import Problem, accumulation_dtype
-from .registry import measures_first_forward, multi_target, register
+from .registry import measures_first_forward, multi_target, register, targets_share_forwards
 
 WindowSpec = int | Sequence[int] | None
 
@@ -174,6 +174,7 @@ def _outer_and(masks: list[Tensor]) -> Tensor:
     needs_baseline=True,
 )
 @multi_target  # every forward gives all K target scores
+@targets_share_forwards
 @measures_first_forward  # the widest activation per row bounds a CPU chunk (batching.cpu_row_cap)
 def occlusion(p: Problem, *, window: WindowSpec = None, stride: WindowSpec = None,
               fill: float | None = None) -> object:
@@ -354,6 +355,7 @@ def _sampling_stderr(c: Tensor, antithetic: bool) -> Tensor | None:
     completeness=True, needs_baseline=True,
 )
 @multi_target  # every forward gives all K target scores
+@targets_share_forwards
 @measures_first_forward
 def shapley_sampling(p: Problem, *, permutations: int = 24, feature_mask: object = None,
                      seed: int = 0, antithetic: bool = True) -> object:

@@ -81,6 +81,14 @@ def multi_target(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def targets_share_forwards(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a native multi-target method whose K targets cost about what one does (a perturbation
+    method reads all K scores off each forward and needs no backward pass): the widget computes
+    the other top classes together with the chosen one instead of prefetching them afterwards."""
+    fn.targets_share_forwards = True  # type: ignore[attr-defined]
+    return fn
+
+
 def measures_first_forward(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Mark a method whose work is gradient passes over rows like x's: with ``batch_size="auto"``
     the problem's first forward (on up to ``PROBE_ROWS`` examples) runs with grad and counts the

@@ -21,7 +21,9 @@ prefetch runs is kept in the pending slot and served right after it (from the ca
 produced its key): its worst-case extra latency is the rest of one prefetch call. A prefetch may
 stop its engine call for a request it will not serve (:meth:`pending` names the waiting key;
 ``Cancelled`` from a prefetch is no error). Prefetch errors are logged (level INFO) and recorded
-in ``prefetch_errors``, never published.
+in ``prefetch_errors``, never published. A computation that produces other keys' payloads on the
+way (one engine call for several classes) hands them to :meth:`offer`, which caches them the same
+way.
 """
 
 from __future__ import annotations
@@ -233,6 +235,19 @@ class Controller:
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
 
+    def offer(self, payloads: Mapping[Hashable, Any]) -> None:
+        """Cache payloads of other keys, unpublished, as a prefetch does (from a computation that
+        produced them on the way); a key already cached keeps its entry."""
+        with self._lock:
+            self._store_extra(payloads)
+
+    def _store_extra(self, payloads: Mapping[Hashable, Any]) -> None:
+        # under self._lock
+        for k, payload in payloads.items():
+            if k not in self._cache:  # a computed entry wins over a prefetched one
+                self._store(k, payload)
+                self.prefetched.append(k)
+
     def _run_prefetch(self, key: Hashable) -> None:
         try:
             extra = self._prefetch(key, self._stop_prefetch) or {}  # type: ignore[misc]
@@ -246,10 +261,7 @@ class Controller:
             try:
                 if err is not None:
                     self.prefetch_errors = [*self.prefetch_errors[-9:], err]
-                for k, payload in extra.items():
-                    if k not in self._cache:  # a computed entry wins over a prefetched one
-                        self._store(k, payload)
-                        self.prefetched.append(k)
+                self._store_extra(extra)
                 if key in self._cache:  # keep the entry the user looked at the most recent one
                     self._cache.move_to_end(key)
             finally:

@@ -115,8 +115,9 @@ class Explain(anywidget.AnyWidget):
         other top-k classes in the background in ONE multi-target engine call, so that clicking
         another top class is a cache hit. Only for methods with a native multi-target path
         (every built-in one: the gradient and rule-based methods take one forward per point and
-        K backward passes, occlusion and Shapley sampling read all K scores off the same
-        forwards); not in compare mode. A plain attribute: ``w.prefetch = False`` turns it off later.
+        K backward passes); not in compare mode. Occlusion and Shapley sampling read all K scores
+        off the same forwards, so they compute the other top classes in the chosen view's own
+        call instead (whatever it took). A plain attribute: ``w.prefetch = False`` turns both off later.
     prefetch_after : skip the prefetch when the chosen view took longer than this many seconds to
         compute (None: always prefetch). A request for one of the classes being prefetched waits
         for the prefetch and is served from its result, not computed again: at worst the rest of
@@ -321,8 +322,28 @@ class Explain(anywidget.AnyWidget):
         return attr, notes
 
     def _attribute_one(self, method: str, baseline: str, target: int, steps: int | str) -> dict[str, Any]:
-        attr, notes = self._engine_call(method, baseline, target, steps)
-        return self._build(attr, target, notes)
+        others = self._classes_along(method, baseline, target, steps)
+        if not others:
+            attr, notes = self._engine_call(method, baseline, target, steps)
+            return self._build(attr, target, notes)
+        # a method whose K targets cost what one does (occlusion, Shapley sampling): the other
+        # top classes in the same call, cached unpublished, so clicking them is a cache hit
+        targets = torch.tensor([[target, *others]] * self._x.shape[0], dtype=torch.long)
+        attr, notes = self._engine_call(method, baseline, targets, steps)
+        self._controller.offer({(method, baseline, ti, steps, ()): self._build(attr.for_target(j + 1), ti, notes)
+                                for j, ti in enumerate(others)})
+        return self._build(attr.for_target(0), target, notes)
+
+    def _classes_along(self, method: str, baseline: str, target: int, steps: int | str) -> list[int]:
+        """The top classes (other than ``target``, not cached yet) that come at no extra model
+        calls with ``target``'s computation: none unless ``prefetch`` is on and the method reads
+        all targets' scores off the same forwards (:func:`nbattr.engine.registry.targets_share_forwards`)."""
+        info = all_methods().get(method)
+        if not self.prefetch or info is None or not getattr(info.fn, "targets_share_forwards", False):
+            return []
+        ctl = self._controller
+        return [int(p["index"]) for p in self.topk
+                if int(p["index"]) != int(target) and not ctl.cached((method, baseline, int(p["index"]), steps, ()))]
 
     def _build(self, attr: Any, target: int, notes: list[Warning]) -> dict[str, Any]:
         """The cached payload: its α frames already quantised for the wire (uint8, a quarter of
