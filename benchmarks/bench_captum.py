@@ -129,10 +129,26 @@ def cases(model: nn.Module, x: torch.Tensor, steps: int):
            lambda: ca.NoiseTunnel(ca.Saliency(model)).attribute(
                x, nt_type="smoothgrad", nt_samples=16, stdevs=0.15, target=t, abs=False), None)
     w = max(1, x.shape[-1] // 8)
+    win = (x.shape[1], w, w)
     yield (f"Occlusion ({x.shape[1]}x{w}x{w})",
            lambda: nbattr.attribute(model, x, method="occlusion", window=w, baseline=b, target=t),
-           lambda: ca.Occlusion(model).attribute(x, sliding_window_shapes=(x.shape[1], w, w),
-                                                 strides=(x.shape[1], w, w), baselines=0, target=t), None)
+           lambda: ca.Occlusion(model).attribute(x, sliding_window_shapes=win, strides=win, baselines=0,
+                                                 target=t), None)
+    # Several classes per example (Captum #612): nbattr takes target="top5" in one call (IG: one
+    # forward per path point and 5 backward passes; occlusion: the forwards of one class), Captum
+    # one call per class.
+    t5 = nbattr.attribute(model, x, method="saliency", target="top5").target
+    per_class = [t5[:, j].tolist() for j in range(t5.shape[1])]
+    yield ("IG gauss_legendre, top-5",
+           lambda: nbattr.attribute(model, x, baseline=b, target=t5, steps=steps, rule="gauss_legendre"),
+           lambda: [ca.IntegratedGradients(model).attribute(x, b, target=c, n_steps=steps, method="gausslegendre")
+                    for c in per_class],
+           lambda: [ca.IntegratedGradients(model).attribute(x, b, target=c, n_steps=steps, method="gausslegendre",
+                                                            return_convergence_delta=True) for c in per_class])
+    yield ("Occlusion, top-5",
+           lambda: nbattr.attribute(model, x, method="occlusion", window=w, baseline=b, target=t5),
+           lambda: [ca.Occlusion(model).attribute(x, sliding_window_shapes=win, strides=win, baselines=0, target=c)
+                    for c in per_class], None)
 
 
 def floor_ratio(model: nn.Module, x: torch.Tensor, steps: int, repeats: int, device: torch.device,

@@ -294,3 +294,14 @@ def test_a_method_without_a_native_path_runs_once_per_target(monkeypatch: pytest
     for j, t in enumerate(([0, 1], [2, 0])):
         want = nbattr.attribute(m, x, method="saliency", abs=False, target=t).attributions
         torch.testing.assert_close(r.attributions[:, j], want)
+
+
+@pytest.mark.parametrize("method, opts", [("occlusion", {}), ("shapley_sampling", {"permutations": 4})])
+def test_perturbation_methods_several_targets_through_a_layer(method: str, opts: dict) -> None:
+    """Token ids attributed over the embedding layer: per-token windows/groups, K targets at once."""
+    t = text(0, vocab=10, classes=3)
+    ids = torch.tensor([[1, 5, 7], [2, 2, 9]])
+    r = nbattr.attribute(t, ids, layer=t.emb, method=method, target=[[0, 2], [1, 0]], **opts)
+    assert r.attributions.shape == (2, 2, 3, 4)
+    for j, tj in enumerate(([0, 1], [2, 0])):
+        _same(r, nbattr.attribute(t, ids, layer=t.emb, method=method, target=tj, **opts), j)

@@ -19,7 +19,8 @@ def test_bench_captum_quick_prints_every_method_and_the_floor():
         [sys.executable, str(ROOT / "benchmarks" / "bench_captum.py"), "--quick", "--repeats", "1",
          "--steps", "4"],
         capture_output=True, text=True, timeout=600, cwd=ROOT, check=True).stdout
-    for label in ("IG gauss_legendre", "IG riemann_right", "DeepLIFT rescale", "SmoothGrad", "Occlusion"):
+    for label in ("IG gauss_legendre", "IG riemann_right", "DeepLIFT rescale", "SmoothGrad", "Occlusion",
+                  "IG gauss_legendre, top-5", "Occlusion, top-5"):
         row = next(line for line in out.splitlines() if label in line)
         ours, theirs, ratio = (float(v) for v in re.findall(r"\d+\.\d+", row)[:3])
         assert ours > 0 and theirs > 0 and ratio > 0, row
