@@ -52,8 +52,8 @@ def attribute(
         gradient_x_input, integrated_gradients, interior_gradients, smoothgrad, deeplift and
         epsilon_lrp run ONE forward per point and K backward passes (batched with
         ``is_grads_batched`` on CUDA, see ``engine.problem.BATCHED_BACKWARD_DEVICES``); occlusion
-        and shapley_sampling run once per target (correct, not faster; ``params["targets"]``
-        says which).
+        and shapley_sampling read all K scores off the forwards of one target (``params["targets"]``
+        says which). A method registered without a native path runs once per target.
     baseline : ``"zeros"``, a number, ``"blur"``, ``"uniform"``, ``"mean"``, a tensor broadcastable
         to x, or a callable ``x -> tensor``. With ``layer``, it applies to the layer's output.
     steps, rule : path points and quadrature rule for path methods (see ``nbattr.engine.paths``);

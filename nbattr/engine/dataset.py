@@ -64,6 +64,7 @@ from torch import Tensor, nn
 
 from . import api, registry
 from .errors import InputError, NbattrError
+from .result import PER_EXAMPLE_PARAMS
 
 #: the ``format`` entry of ``index.json``; a directory without it is not written by this module
 FORMAT = "nbattr.dataset/1"
@@ -457,8 +458,12 @@ def _np_dtype(t: Tensor) -> np.dtype:
     return torch.empty(0, dtype=t.dtype).numpy().dtype
 
 
-def _per_example(v: Any, rows: int) -> bool:
-    """Whether a ``params`` value is one number per example (e.g. adaptive IG's ``steps``)."""
+def _per_example(name: str, v: Any, rows: int) -> bool:
+    """Whether a ``params`` value is one number per example (adaptive IG's ``steps``): only the
+    names in :data:`PER_EXAMPLE_PARAMS`, so that a setting which happens to have as many entries as
+    a chunk has rows (occlusion's ``window`` (3, 8, 8) beside a 3-row last chunk) stays a setting."""
+    if name not in PER_EXAMPLE_PARAMS:
+        return False
     if isinstance(v, Tensor):
         return v.dim() == 1 and v.shape[0] == rows
     return (isinstance(v, (list, tuple)) and len(v) == rows
@@ -475,7 +480,7 @@ def _arrays_of(r: Any) -> dict[str, Tensor]:
             out[name] = v
     rows = r.attributions.shape[0]
     for name, v in r.params.items():
-        if name != "chunks" and _per_example(v, rows):
+        if _per_example(name, v, rows):
             out[f"param:{name}"] = torch.as_tensor(v)
     return out
 

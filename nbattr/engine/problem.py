@@ -169,17 +169,26 @@ def require_tensor(out: Any) -> Tensor:
                      f"{type(out).__name__}{hint}")
 
 
+def nonfinite_message(method: str, attributions: Tensor) -> str | None:
+    """The :class:`NonFiniteWarning`'s message when ``attributions`` hold NaN or inf, else None.
+    One reduction decides; only a non-finite (or overflowing) sum is looked at element by element.
+    (The widget applies it to each target of a several-target call on its own.)"""
+    if attributions.numel() == 0 or torch.isfinite(attributions.sum()).item():
+        return None
+    bad = int((~torch.isfinite(attributions)).sum())
+    if not bad:
+        return None
+    return (f"{method}: {bad} of {attributions.numel()} attributions are not finite (NaN or "
+            "inf), so the map and delta cannot be trusted: the model's gradient (or a rule) "
+            "produced them, e.g. sqrt or log at 0 on the path")
+
+
 def _warn_nonfinite(method: str, attributions: Tensor) -> None:
     """Warn when attributions hold NaN or inf (the inputs were checked finite, so the model's
-    gradient or a rule made them): never hand over such a map silently. One reduction decides;
-    only a non-finite (or overflowing) sum is looked at element by element."""
-    if attributions.numel() == 0 or torch.isfinite(attributions.sum()).item():
-        return
-    bad = int((~torch.isfinite(attributions)).sum())
-    if bad:
-        warn(f"{method}: {bad} of {attributions.numel()} attributions are not finite (NaN or "
-             "inf), so the map and delta cannot be trusted: the model's gradient (or a rule) "
-             "produced them, e.g. sqrt or log at 0 on the path", NonFiniteWarning)
+    gradient or a rule made them): never hand over such a map silently."""
+    message = nonfinite_message(method, attributions)
+    if message is not None:
+        warn(message, NonFiniteWarning)
 
 
 @contextlib.contextmanager
@@ -258,8 +267,9 @@ class Problem:
     target : ``(N,)`` long; ``(N, K)`` when several targets per example were asked for (``multi``).
     outputs : ``(N,)`` target scores at x; ``(N, K)`` with several targets.
     multi : whether ``target`` holds K targets per example. Methods that compute them natively
-        (one forward, K backward passes) accept such a problem; the others get one
-        :meth:`for_target` view per target from :func:`nbattr.attribute`.
+        (one forward and K backward passes; the perturbation methods read the K scores off each
+        forward) accept such a problem; the others get one :meth:`for_target` view per target
+        from :func:`nbattr.attribute`.
     scalar_output : whether the model returns ``(N,)`` scores.
     unbatched : whether x was given without a batch dimension (the result then has N = 1).
     """

@@ -8,6 +8,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+#: the ``params`` that may hold one value per example (``steps="auto"``: the gradients each example
+#: used, whether it met the tolerance, the |delta| it reached); every other param is one setting
+#: for the whole call, even a tuple (occlusion's ``window``) or a tensor (Shapley's ``feature_mask``)
+PER_EXAMPLE_PARAMS = ("steps", "converged", "delta_reached")
+
 
 @dataclass
 class Attribution:
@@ -22,7 +27,8 @@ class Attribution:
     baseline_outputs : ``(N,)`` the target score F(x') at the baseline, or None for baseline-free methods.
     delta : ``(N,)`` sum of attributions over non-batch dims minus (outputs - baseline_outputs), for
         methods that promise completeness (integrated_gradients, deeplift, shapley_sampling); else None.
-    params : the effective options (steps and rule actually used, etc.).
+    params : the effective options (steps and rule actually used, etc.); those named in
+        :data:`PER_EXAMPLE_PARAMS` may be lists of one value per example.
     inputs : ``(N, ...)`` the attributed values at x (the input, or the layer's output at x).
     baselines : ``(N, ...)`` the baseline in the same space, or None.
     alphas : ``(S,)`` path points, for path methods.

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from .. import render
 from ..engine import attribute, watch
 from ..engine import methods as all_methods
-from ..engine.problem import require_tensor
+from ..engine.errors import NonFiniteWarning
+from ..engine.problem import nonfinite_message, require_tensor
 from . import codec, payload
 from .controller import Controller, Outcome
 
@@ -330,9 +331,9 @@ class Explain(anywidget.AnyWidget):
         # top classes in the same call, cached unpublished, so clicking them is a cache hit
         targets = torch.tensor([[target, *others]] * self._x.shape[0], dtype=torch.long)
         attr, notes = self._engine_call(method, baseline, targets, steps)
-        self._controller.offer({(method, baseline, ti, steps, ()): self._build(attr.for_target(j + 1), ti, notes)
+        self._controller.offer({(method, baseline, ti, steps, ()): self._build_one_of(attr, j + 1, ti, notes)
                                 for j, ti in enumerate(others)})
-        return self._build(attr.for_target(0), target, notes)
+        return self._build_one_of(attr, 0, target, notes)
 
     def _classes_along(self, method: str, baseline: str, target: int, steps: int | str) -> list[int]:
         """The top classes (other than ``target``, not cached yet) that come at no extra model
@@ -341,9 +342,26 @@ class Explain(anywidget.AnyWidget):
         info = all_methods().get(method)
         if not self.prefetch or info is None or not getattr(info.fn, "targets_share_forwards", False):
             return []
+        return self._uncached_others(method, baseline, target, steps)
+
+    def _uncached_others(self, method: str, baseline: str, target: int, steps: int | str) -> list[int]:
+        """The top classes other than ``target`` whose view is not cached yet; none for a model
+        with one output (its ``(N,)`` scores take no class: ``target`` is ignored there)."""
+        if len(self.topk) < 2:
+            return []
         ctl = self._controller
         return [int(p["index"]) for p in self.topk
                 if int(p["index"]) != int(target) and not ctl.cached((method, baseline, int(p["index"]), steps, ()))]
+
+    def _build_one_of(self, attr: Any, j: int, target: int, notes: list[Warning]) -> dict[str, Any]:
+        """The payload of target ``j`` of a several-target result: the call's notes, with the
+        non-finite one (which counts over all K targets) decided by this target's own map."""
+        one = attr.for_target(j)
+        kept: list[Warning] = [n for n in notes if not isinstance(n, NonFiniteWarning)]
+        message = nonfinite_message(one.method, one.attributions)
+        if message is not None:
+            kept.append(NonFiniteWarning(message))
+        return self._build(one, target, kept)
 
     def _build(self, attr: Any, target: int, notes: list[Warning]) -> dict[str, Any]:
         """The cached payload: its α frames already quantised for the wire (uint8, a quarter of
@@ -364,8 +382,7 @@ class Explain(anywidget.AnyWidget):
         if not self.prefetch or compare or not self.prefetchable(method):
             return {}
         ctl = self._controller
-        todo = [int(p["index"]) for p in self.topk
-                if int(p["index"]) != int(target) and not ctl.cached((method, baseline, int(p["index"]), steps, ()))]
+        todo = self._uncached_others(method, baseline, target, steps)
         if not todo or stop():
             return {}
         keys = {(method, baseline, ti, steps, ()) for ti in todo}
@@ -381,7 +398,7 @@ class Explain(anywidget.AnyWidget):
         for j, ti in enumerate(todo):
             if give_way():  # keep what is built, leave the rest
                 break
-            out[(method, baseline, ti, steps, ())] = self._build(attr.for_target(j), ti, notes)
+            out[(method, baseline, ti, steps, ())] = self._build_one_of(attr, j, ti, notes)
         return out
 
     def _compute(self, key: tuple[Any, ...]) -> dict[str, Any]:

@@ -171,6 +171,25 @@ def test_several_targets_per_example(tmp_path: Path) -> None:
     assert_same_as(r, nbattr.attribute(m, x, target=t, steps=6))
 
 
+@pytest.mark.parametrize("case", ["occlusion window", "shapley mask"])
+def test_settings_as_long_as_a_chunk_stay_settings(tmp_path: Path, case: str) -> None:
+    """A tuple or 1-D tensor setting with as many entries as a chunk has rows (occlusion's window
+    (3, 8, 8) beside a 3-row chunk; a 6-feature mask with 6-row chunks) is not a per-example array:
+    it failed on the chunk of another size, or was written as param_feature_mask.npy."""
+    if case == "occlusion window":
+        m, x = cnn(1), torch.randn(7, 3, 16, 16, dtype=torch.float64)
+        opts = {"method": "occlusion", "window": (3, 8, 8), "target": "top2"}
+        chunk = 4  # chunks of 4 and 3 rows
+    else:
+        m, x = mlp(2), data(12)
+        opts = {"method": "shapley_sampling", "feature_mask": torch.tensor([0, 0, 1, 1, 2, 2]), "permutations": 4}
+        chunk = 6
+    r = attribute_dataset(m, x, out=tmp_path, chunk_size=chunk, progress=False, **opts)
+    direct = nbattr.attribute(m, x, **opts)
+    assert_same_as(r, direct)
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("param_")]
+
+
 def test_adaptive_steps_are_kept_per_example(tmp_path: Path) -> None:
     m, x = mlp(8, act=nn.Softplus), data(5)
     r = attribute_dataset(m, x, out=tmp_path, chunk_size=2, steps="auto", tol=1e-4, progress=False)

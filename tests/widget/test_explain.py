@@ -640,3 +640,51 @@ def test_prefetch_error_does_not_break_the_widget(cnn, image, monkeypatch):
     assert w.status == "idle" and w.error == "" and w.receipt["target"] == w.topk[1]["index"]
     assert w.receipt["cached"] is False
     w.close()
+
+
+class _LogLastClass(torch.nn.Module):
+    """Three finite linear classes (scores ~20) and a fourth, log(x0) (clamped at 0): occlusion with a
+    zero baseline makes the fourth class's drops infinite, the others' stay finite."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return torch.cat([20 + self.lin(x), torch.log(x[:, :1].clamp_min(0))], 1)
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_a_non_finite_map_of_one_class_is_noted_on_that_class_only(prefetch):
+    """Several classes from one engine call: the non-finite note (counted over all of them by the
+    engine) is decided per class, as when each class is computed alone."""
+    x = torch.tensor([[148.0, 1.0, 2.0, 3.0]])
+    w = Explain(_LogLastClass().eval(), x, methods=["occlusion", "saliency"], method="occlusion", topk=4,
+                prefetch=prefetch)
+    assert w.wait(30) and not w.error
+    notes = {}
+    for p in w.topk:
+        w.target = p["index"]
+        assert w.wait(30) and not w.error
+        notes[p["index"]] = [n for n in w.receipt["notes"] if "not finite" in n]
+    assert notes[3] and "4 of 4 attributions" in notes[3][0]
+    assert all(not notes[c] for c in (0, 1, 2)), notes
+    w.close()
+
+
+def test_one_output_model_with_a_target_that_is_ignored():
+    """(N,) scores take no class: a target other than 0 is ignored (as by the engine), and the
+    classes computed along with it are none."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(5, 1)
+
+    def scalar(z):
+        return net(z).squeeze(-1)
+
+    for method in ("occlusion", "shapley_sampling", "saliency"):
+        w = Explain(scalar, torch.randn(5), methods=[method], method=method, target=1)
+        assert w.wait(30) and w.wait(30, prefetch=True)
+        assert not w.error, (method, w.error)
+        assert w._controller.prefetched == [] and w._controller.prefetch_errors == []
+        w.close()
