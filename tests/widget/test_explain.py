@@ -527,12 +527,8 @@ def test_progress_is_published_while_computing(cnn, image):
     w.close()
 
 
-def test_no_prefetch_for_methods_without_a_native_multi_target_path(cnn, image, monkeypatch):
-    """Every built-in method has one; a user's registered method without it is not prefetched."""
-    import nbattr
-    from tests.engine.models import register_looped_method
-
-    register_looped_method(monkeypatch, "plain_gradient")
+def _spy_engine_targets(monkeypatch):
+    """Record the target of each engine call the widget makes; returns (the list, the real attribute)."""
     calls = []
     real = explain_mod.attribute
 
@@ -541,6 +537,16 @@ def test_no_prefetch_for_methods_without_a_native_multi_target_path(cnn, image, 
         return real(*a, **kw)
 
     monkeypatch.setattr(explain_mod, "attribute", spy)
+    return calls, real
+
+
+def test_no_prefetch_for_methods_without_a_native_multi_target_path(cnn, image, monkeypatch):
+    """Every built-in method has one; a user's registered method without it is not prefetched."""
+    import nbattr
+    from tests.engine.models import register_looped_method
+
+    register_looped_method(monkeypatch, "plain_gradient")
+    calls, _ = _spy_engine_targets(monkeypatch)
     w = Explain(cnn, image, methods=["deeplift", "plain_gradient", "saliency"], method="plain_gradient")
     assert not w.prefetchable("plain_gradient")
     assert all(w.prefetchable(m) for m in nbattr.methods() if m != "plain_gradient")
@@ -557,14 +563,7 @@ def test_perturbation_methods_compute_the_other_classes_in_the_same_call(cnn, im
     """Occlusion and Shapley sampling read all K scores off each forward: the chosen view's one
     engine call also gives the other top classes (cached, however long it took: no prefetch
     here), each equal to computing that class alone."""
-    calls = []
-    real = explain_mod.attribute
-
-    def spy(*a, **kw):
-        calls.append(kw["target"])
-        return real(*a, **kw)
-
-    monkeypatch.setattr(explain_mod, "attribute", spy)
+    calls, real = _spy_engine_targets(monkeypatch)
     w = Explain(cnn, image, methods=[method, "saliency"], method=method,
                 options={"shapley_sampling": {"permutations": 4}}, prefetch_after=0.0)
     assert w.wait(60) and w.wait(60, prefetch=True)
