@@ -44,6 +44,7 @@ directory must be one file system seen by every rank (one machine, or a shared f
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import inspect
@@ -545,6 +546,16 @@ def _version() -> str:
 
 
 # -- processes -----------------------------------------------------------------------------------
+def _destroy_own_group() -> None:
+    """At exit, end the default process group that :class:`_Dist` started (a script run unchanged
+    under torchrun never ends it): a gloo group left to the interpreter's teardown aborted the
+    process now and then ("terminate called without an active exception", exit status 1 from
+    torchrun) after every file was written."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class _Dist:
     """Rank, world size and the collectives used to coordinate (a no-op for one process)."""
 
@@ -564,6 +575,7 @@ class _Dist:
                 torch.cuda.set_device(self.local_rank)
             dist.init_process_group(backend=backend)
             self.initialised_here = True
+            atexit.register(_destroy_own_group)  # kept for later calls; ended before the interpreter
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if self.world > 1 and dist.get_backend() != "gloo":
             self.group, self.own_group = dist.new_group(backend="gloo"), True  # CPU objects only
@@ -718,7 +730,10 @@ def attribute_dataset(
         still loses nothing marked done, as the written rows are in the operating system's hands.
     **attribute_kwargs : passed to :func:`nbattr.attribute` (``baseline``, ``steps``, ``rule``,
         ``layer``, method options). A tensor ``baseline`` of shape ``(N, ...)`` (one per example of
-        the whole data set) is sliced per chunk; any other must broadcast against a chunk.
+        the whole data set) is sliced per chunk; any other must broadcast against a chunk. With
+        ``layer=``, the baseline is in the layer's output space: one of two or more dimensions
+        whose first is N is taken as one row per example (give a shared one a leading 1,
+        ``(1, L, E)``).
         ``forward_kwargs`` (keyword arguments of the model) is a dict, whose tensors with one row
         per example of the whole data set are sliced per chunk, or a callable ``batch -> dict``
         applied to each collated chunk (``lambda b: {"attention_mask": b["attention_mask"]}``).
@@ -812,8 +827,11 @@ def _chunk_call(model: Any, source: _Source, k: int, batch: Any, method: str, ta
         t = target
     kw = dict(kwargs)
     base = kw.get("baseline")
-    if isinstance(base, Tensor) and base.dim() == x.dim() and base.shape[0] == source.n and source.n > 1:
-        kw["baseline"] = base[a:b]
+    if isinstance(base, Tensor) and tuple(base.shape[:1]) == (source.n,) and source.n > 1:
+        # (N, ...): one row per example, sliced. In the input space its rank is x's; a layer's
+        # output has its own rank, unknown before the call: there, two or more dimensions.
+        if (base.dim() >= 2) if kw.get("layer") is not None else (base.dim() == x.dim()):
+            kw["baseline"] = base[a:b]
     fk = kw.get("forward_kwargs")
     if callable(fk):
         kw["forward_kwargs"] = fk(batch)

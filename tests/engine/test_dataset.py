@@ -20,7 +20,7 @@ import nbattr
 from nbattr.engine import dataset as ds
 from nbattr.engine.dataset import attribute_dataset, load
 
-from .models import CallCounter, cnn, mlp
+from .models import CallCounter, cnn, mlp, text
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -188,6 +188,18 @@ def test_settings_as_long_as_a_chunk_stay_settings(tmp_path: Path, case: str) ->
     direct = nbattr.attribute(m, x, **opts)
     assert_same_as(r, direct)
     assert not [f for f in os.listdir(tmp_path) if f.startswith("param_")]
+
+
+def test_per_example_baseline_of_a_layer_is_sliced(tmp_path: Path) -> None:
+    """With layer=, an (N, L, E) baseline (the layer's output space) is one row per example, and a
+    shared (1, L, E) one broadcasts: the token ids' rank (2) said neither (it crashed)."""
+    t = text(0)
+    ids = torch.randint(0, 10, (7, 5), generator=torch.Generator().manual_seed(0))
+    per_row = torch.randn(7, 5, 4, dtype=torch.float64)
+    for k, base in enumerate((per_row, per_row[:1])):
+        r = attribute_dataset(t, ids, out=tmp_path / str(k), chunk_size=3, layer=t.emb, steps=8, baseline=base,
+                              progress=False)
+        assert_same_as(r, nbattr.attribute(t, ids, layer=t.emb, steps=8, baseline=base))
 
 
 def test_adaptive_steps_are_kept_per_example(tmp_path: Path) -> None:
@@ -553,3 +565,44 @@ def test_torchrun_failure_on_one_rank_stops_all_and_resumes(
     _single(script, tmp_path / "ref", monkeypatch)
     a, b = load(tmp_path / "out"), load(tmp_path / "ref")
     assert_same_files(a, b)
+
+
+PLAIN_SCRIPT = """
+import sys, torch
+from torch import nn
+from nbattr.engine.dataset import attribute_dataset
+torch.manual_seed(0)
+net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+x = torch.randn(11, 6, generator=torch.Generator().manual_seed(1))
+attribute_dataset(net, x, out=sys.argv[1], chunk_size=2, steps=4, progress=False)
+"""
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed next to python")
+def test_torchrun_script_unchanged_exits_cleanly(tmp_path: Path) -> None:
+    """A script that leaves torch.distributed to nbattr (it never ends the process group) exits 0:
+    the group nbattr started is ended at exit. Left to the interpreter's teardown, gloo aborted
+    one run in six here ("terminate called without an active exception")."""
+    script = tmp_path / "plain.py"
+    script.write_text(textwrap.dedent(PLAIN_SCRIPT))
+    for k in range(3):
+        run = _torchrun(script, tmp_path / f"out{k}")
+        assert run.returncode == 0 and "terminate called" not in run.stderr, run.stderr[-3000:]
+        assert load(tmp_path / f"out{k}").complete
+
+
+def test_a_process_group_started_here_is_ended_at_exit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deterministic half of the test above: _Dist registers the exit hook when it starts the group."""
+    import atexit
+
+    registered = []
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: None)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(atexit, "register", registered.append)
+    comm = ds._Dist("cpu")
+    assert comm.initialised_here and registered == [ds._destroy_own_group]
