@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,13 +45,21 @@ def blur(x: Tensor, sigma: float | None = None) -> Tensor:
     return out
 
 
-def uniform(x: Tensor, seed: int = 0) -> Tensor:
-    """Uniform noise in each example's own range [min(x), max(x)] (deterministic for a seed)."""
-    g = torch.Generator(device=x.device).manual_seed(seed)
+def uniform(x: Tensor, seed: int = 0, rows: Sequence[int] | None = None) -> Tensor:
+    """Uniform noise in each example's own range [min(x), max(x)], deterministic per example:
+    row i's noise comes from a generator seeded with ``seed * 1_000_003 + rows[i]`` (``rows``
+    defaults to 0..N-1), so it does not depend on the other rows of the call
+    (:func:`nbattr.attribute_dataset` passes each chunk's row numbers in the data set)."""
+    rows = range(x.shape[0]) if rows is None else rows
+    if len(rows) != x.shape[0]:
+        raise InputError(f"uniform: {len(rows)} row numbers for {x.shape[0]} rows")
+    u = torch.empty_like(x)
+    for i, r in enumerate(rows):
+        g = torch.Generator(device=x.device).manual_seed(seed * 1_000_003 + int(r))
+        u[i] = torch.rand(x.shape[1:], generator=g, device=x.device, dtype=x.dtype)
     flat = x.flatten(1)
     lo = flat.min(1).values.view(-1, *([1] * (x.dim() - 1)))
     hi = flat.max(1).values.view(-1, *([1] * (x.dim() - 1)))
-    u = torch.rand(x.shape, generator=g, device=x.device, dtype=x.dtype)
     return lo + u * (hi - lo)
 
 

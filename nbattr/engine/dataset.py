@@ -64,6 +64,7 @@ import torch
 from torch import Tensor, nn
 
 from . import api, registry
+from . import baselines as _baselines
 from .errors import InputError, NbattrError
 from .result import PER_EXAMPLE_PARAMS
 
@@ -545,6 +546,16 @@ def _version() -> str:
         return "unknown"
 
 
+def _uniform_rows(a: int, b: int) -> Callable[[Tensor], Tensor]:
+    """The ``"uniform"`` baseline of the chunk holding examples ``a..b-1``: each example's noise
+    drawn for its row number in the data set (:func:`nbattr.engine.baselines.uniform`)."""
+
+    def uniform(x: Tensor) -> Tensor:
+        return _baselines.uniform(x, rows=range(a, b))
+
+    return uniform
+
+
 # -- processes -----------------------------------------------------------------------------------
 def _destroy_own_group() -> None:
     """At exit, end the default process group that :class:`_Dist` started (a script run unchanged
@@ -827,6 +838,8 @@ def _chunk_call(model: Any, source: _Source, k: int, batch: Any, method: str, ta
         t = target
     kw = dict(kwargs)
     base = kw.get("baseline")
+    if isinstance(base, str) and base == "uniform":  # each example's noise as in one call on the whole data set
+        kw["baseline"] = _uniform_rows(a, b)
     if isinstance(base, Tensor) and tuple(base.shape[:1]) == (source.n,) and source.n > 1:
         # (N, ...): one row per example, sliced. In the input space its rank is x's; a layer's
         # output has its own rank, unknown before the call: there, two or more dimensions.

@@ -295,6 +295,10 @@ def test_named_baselines() -> None:
     assert blur.std() < x.std() and torch.allclose(blur.mean((2, 3)), x.mean((2, 3)), atol=0.05)
     u = nbattr.attribute(m, x, baseline="uniform", steps=4).baselines
     assert (u >= x.amin((1, 2, 3), keepdim=True)).all() and (u <= x.amax((1, 2, 3), keepdim=True)).all()
+    from nbattr.engine.baselines import uniform  # each row's noise is its own, whatever the other rows
+    torch.testing.assert_close(uniform(x[1:]), nbattr.attribute(m, x[1:], baseline="uniform", steps=4).baselines)
+    torch.testing.assert_close(uniform(x[1:], rows=[1]), u[1:])
+    assert not torch.equal(uniform(x[1:]), u[1:])
     f = nbattr.attribute(m, x, baseline=lambda t: t * 0.5, steps=4)
     torch.testing.assert_close(f.baselines, x * 0.5)
 
