@@ -66,6 +66,7 @@ from torch import Tensor, nn
 from . import api, registry
 from . import baselines as _baselines
 from .errors import InputError, NbattrError
+from .guard import modules_of
 from .result import PER_EXAMPLE_PARAMS
 
 #: the ``format`` entry of ``index.json``; a directory without it is not written by this module
@@ -327,11 +328,15 @@ def _jsonable(v: Any) -> Any:
 
 
 def _model_fingerprint(model: Any) -> dict[str, Any]:
-    """Class, parameter count and a weighted checksum of the weights (catches a changed model)."""
+    """Class, parameter count and a weighted checksum of the weights (catches a changed model).
+    For a callable that is not a module (``lambda x: net(x).logits``) the weights are those of the
+    modules it closes over (:func:`~nbattr.engine.guard.modules_of`)."""
     fp: dict[str, Any] = {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
-    if isinstance(model, nn.Module):
-        tensors = [t.detach() for t in (*model.parameters(), *model.buffers())]
-        fp["parameters"] = sum(t.numel() for t in model.parameters())
+    modules = modules_of(model)
+    if modules:
+        params = [t for m in modules for t in m.parameters()]
+        tensors = [t.detach() for t in (*params, *(b for m in modules for b in m.buffers()))]
+        fp["parameters"] = sum(t.numel() for t in params)
         if tensors:
             with torch.no_grad():
                 s = sum((k + 1) * float(t.sum(dtype=torch.float64)) for k, t in enumerate(tensors))
@@ -343,10 +348,11 @@ def _model_fingerprint(model: Any) -> dict[str, Any]:
 def _layer_name(model: Any, layer: nn.Module | None) -> str | None:
     if layer is None:
         return None
-    if isinstance(model, nn.Module):
-        for name, m in model.named_modules():
+    tops = modules_of(model)
+    for k, top in enumerate(tops):  # the layer's path in the model (in the k-th module a callable reaches)
+        for name, m in top.named_modules():
             if m is layer:
-                return name
+                return name if isinstance(model, nn.Module) else f"{k}:{name}"
     return f"module:{type(layer).__name__}"
 
 

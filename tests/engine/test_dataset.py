@@ -212,6 +212,26 @@ def test_uniform_baseline_equals_one_call(tmp_path: Path) -> None:
     assert r.index["params"]["baseline"] == "uniform"
 
 
+def test_a_callable_models_weights_and_layer_are_part_of_the_settings(tmp_path: Path) -> None:
+    """``lambda x: net(x)`` (the Hugging Face pattern): changed weights, or another layer of the same
+    type, are refused on an existing directory as for a module (they resumed with the old files)."""
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).double().eval()
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return net(z)
+
+    x = data(8)
+    attribute_dataset(f, x, out=tmp_path / "w", chunk_size=4, steps=8, progress=False)
+    attribute_dataset(f, x, out=tmp_path / "w", chunk_size=4, steps=8, progress=False)  # same: resumes
+    with torch.no_grad():
+        net[0].weight.mul_(2)
+    with pytest.raises(nbattr.InputError, match="model"):
+        attribute_dataset(f, x, out=tmp_path / "w", chunk_size=4, steps=8, progress=False)
+    attribute_dataset(f, x, out=tmp_path / "l", chunk_size=4, steps=8, layer=net[0], progress=False)
+    with pytest.raises(nbattr.InputError, match="layer"):
+        attribute_dataset(f, x, out=tmp_path / "l", chunk_size=4, steps=8, layer=net[2], progress=False)
+
+
 def test_adaptive_steps_are_kept_per_example(tmp_path: Path) -> None:
     m, x = mlp(8, act=nn.Softplus), data(5)
     r = attribute_dataset(m, x, out=tmp_path, chunk_size=2, steps="auto", tol=1e-4, progress=False)
