@@ -506,3 +506,52 @@ def test_plots_draw_the_results() -> None:
     import matplotlib.pyplot as plt
 
     plt.close("all")
+
+
+def test_several_target_results_are_refused_with_the_way_out():
+    """group_shares, localization and ablation_curve take one target per example: a top-K result
+    (attributions (N, K, ...)) is refused with the fix named, not read as K x more features."""
+    import nbattr
+    from nbattr import evaluate
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 5)).eval()
+    x = torch.randn(2, 4)
+    r = nbattr.attribute(net, x, method="saliency", target="top3")
+    calls = [lambda: evaluate.group_shares(r, {"a": [0, 1]}),
+             lambda: evaluate.localization(r, torch.tensor([True, True, False, False])),
+             lambda: evaluate.ablation_curve(net, x, r)]
+    for call in calls:
+        with pytest.raises(nbattr.InputError, match=r"holds 3 .*r\.for_target\(j\)"):
+            call()
+    one = r.for_target(1)
+    torch.testing.assert_close(evaluate.group_shares(one, {"a": [0, 1]}).totals[:, 0], one.attributions[:, :2].sum(1),
+                               check_dtype=False)
+
+
+def test_numpy_step_counts_and_bad_layer_specs_are_read_or_named():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    x = torch.randn(2, 4)
+    attr = torch.randn(2, 4)
+    a = ablation_curve(net, x, attr, steps=np.int64(4))  # a count, as steps=4 (it was read as one fraction)
+    torch.testing.assert_close(a.fractions, ablation_curve(net, x, attr, steps=4).fractions)
+    with pytest.raises(InputError, match="layers must be a module name"):
+        saturation(net, x, layers=5)
+
+
+def test_plot_ablation_names_both_modes_on_shared_axes():
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    x, attr = torch.randn(2, 4), torch.randn(2, 4)
+    curves = [ablation_curve(net, x, attr, mode=m, steps=4) for m in ("deletion", "insertion")]
+    fig = plot_ablation(curves)
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "fraction of features removed / inserted"
+    assert ax.get_title().startswith("deletion and insertion curves")
+    fig2 = plot_ablation(curves[1])
+    assert fig2.axes[0].get_xlabel() == "fraction of features inserted"

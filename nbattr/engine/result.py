@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .errors import InputError
+
 #: the ``params`` that may hold one value per example (``steps="auto"``: the gradients each example
 #: used, whether it met the tolerance, the |delta| it reached); every other param is one setting
 #: for the whole call, even a tuple (occlusion's ``window``) or a tensor (Shapley's ``feature_mask``)
@@ -77,6 +79,15 @@ class Attribution:
     def multi(self) -> bool:
         """Whether this result holds K targets per example (a K axis after N)."""
         return self.target.dim() == 2
+
+    def require_single_target(self, what: str) -> None:
+        """Raise :class:`~nbattr.InputError` naming ``what`` when this result holds several
+        targets per example (for the checks in :mod:`nbattr.evaluate`, which take one)."""
+        if self.multi:
+            raise InputError(
+                f"{what} takes one target per example; this result holds {self.target.shape[1]} "
+                f"(attributions {tuple(self.attributions.shape)}, a K axis after N): pass r.for_target(j) "
+                "for target j, or each result of r.split()")
 
     def total(self) -> Tensor:
         """``(N,)`` sum of the attributions of each example (``(N, K)`` with several targets)."""

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -79,7 +80,8 @@ class AblationResult:
 def _fractions(steps: int | Sequence[float] | Tensor) -> Tensor:
     if isinstance(steps, bool):
         raise InputError(f"steps must be a positive int or a sequence of fractions, got {steps!r}")
-    if isinstance(steps, int):
+    if isinstance(steps, (int, np.integer)):  # a count, numpy's too (np.int64(4) is no fraction)
+        steps = int(steps)
         if steps < 1:
             raise InputError(f"steps must be a positive int, got {steps}")
         return torch.arange(steps + 1, dtype=torch.float64) / steps
@@ -205,6 +207,7 @@ def ablation_curve(
         raise InputError(f"importance must be one of {IMPORTANCE}, got {importance!r}")
     fractions = _fractions(steps)
     if isinstance(attributions, Attribution):
+        attributions.require_single_target("ablation_curve")
         if target is None:
             target = attributions.target
         attr = attributions.attributions

@@ -508,6 +508,7 @@ def group_shares(
     """
     method = None
     if isinstance(attribution, Attribution):
+        attribution.require_single_target("group_shares")
         attr = attribution.attributions
         method = attribution.method
         if change is None and attribution.baseline_outputs is not None:

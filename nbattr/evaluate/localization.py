@@ -54,6 +54,8 @@ def localization(attributions: Tensor | Attribution, box_mask: Tensor | Box | Se
     InputError
         A mask that is not boolean or does not broadcast, a malformed or out-of-range box.
     """
+    if isinstance(attributions, Attribution):
+        attributions.require_single_target("localization")
     a = attributions.attributions if isinstance(attributions, Attribution) else attributions
     if not isinstance(a, Tensor) or not a.is_floating_point():
         raise InputError("attributions must be a floating-point tensor or an Attribution")

@@ -109,15 +109,16 @@ def plot_ablation(results: AblationResult | Mapping[str, AblationResult] | Seque
         results = {f"{r.mode} {i}": r for i, r in enumerate(results)}
     fig, axes = _axes(ax, 1, width=5.0)
     a = axes[0]
-    mode = "deletion"
     for label, r in results.items():
         y = r.drop if drop else r.scores
         y = y.mean(1) if example is None else y[:, example]
         aopc = r.aopc.mean() if example is None else r.aopc[example]
         a.plot(r.fractions.numpy(), y.numpy(), marker="o", ms=3, label=f"{label} (AOPC {float(aopc):.3g})")
-        mode = r.mode
-    a.set_xlabel("fraction of features " + ("removed" if mode == "deletion" else "inserted"))
+    modes = sorted({r.mode for r in results.values()})  # deletion and insertion curves may share the axes
+    done = {"deletion": "removed", "insertion": "inserted"}
+    a.set_xlabel("fraction of features " + " / ".join(done.get(m, m) for m in modes))
     a.set_ylabel("score drop f(x) − f(x_k)" if drop else "target score")
-    a.set_title(f"{mode} curve" + (" (mean over examples)" if example is None else ""))
+    a.set_title(f"{' and '.join(modes)} curve{'s' if len(modes) > 1 else ''}"
+                + (" (mean over examples)" if example is None else ""))
     a.legend(fontsize=8)
     return fig

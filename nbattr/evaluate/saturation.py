@@ -81,7 +81,13 @@ def resolve_layers(model: Any, layers: LayerSpec) -> dict[str, nn.Module]:
             if not isinstance(v, nn.Module):
                 raise InputError(f"layers[{k!r}] must be an nn.Module, got {type(v).__name__}")
         return out
-    items = [layers] if isinstance(layers, (str, nn.Module)) else list(layers)
+    if isinstance(layers, (str, nn.Module)):
+        items = [layers]
+    elif isinstance(layers, (list, tuple)):
+        items = list(layers)
+    else:
+        raise InputError(f"layers must be a module name, a module, a dict name -> module or a list of those; "
+                         f"got {type(layers).__name__}")
     tops = modules_of(model)  # a callable (lambda x: net(x)[0]): the one module it uses
     named = dict(tops[0].named_modules()) if len(tops) == 1 else {}
     by_id = {id(m): name for name, m in named.items()}
