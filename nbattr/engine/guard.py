@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
+from .errors import InputError
+
 _HOOK_DICTS = (
     "_forward_hooks",
     "_forward_pre_hooks",
@@ -191,6 +193,15 @@ _LOCK = threading.Lock()
 _OPEN: dict[int, _Snapshot] = {}
 
 
+def _refuse_lazy(model: nn.Module) -> None:
+    """A model with parameters or buffers not yet created (``nn.LazyLinear`` before its first
+    forward) cannot be snapshotted; name it rather than fail inside torch."""
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if nn.parameter.is_lazy(t):
+            raise InputError(f"the model's {name!r} is not initialised yet (a lazy module, e.g. nn.LazyLinear): "
+                             "run the model once on an example (model(x)) before attributing")
+
+
 @contextlib.contextmanager
 def model_guard(model: Any) -> Iterator[None]:
     """Snapshot a model's mutable state and restore it on exit, also after an exception.
@@ -216,9 +227,15 @@ def model_guard(model: Any) -> Iterator[None]:
     with _LOCK:
         snap = _OPEN.get(id(model))
         if snap is None:
-            snap = _OPEN[id(model)] = _Snapshot(model)
-            for p in snap.params:
-                p.requires_grad_(False)
+            _refuse_lazy(model)
+            snap = _Snapshot(model)
+            try:
+                for p in snap.params:
+                    p.requires_grad_(False)
+            except BaseException:  # (registered only once taken: no stale snapshot is left behind)
+                snap.restore()
+                raise
+            _OPEN[id(model)] = snap
         snap.depth += 1
     try:
         yield

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from . import baselines as _baselines
 from .batching import PROBE_ROWS, BatchSize, StorageBytes, is_oom, run_chunked, warn
 from .errors import InputError, NoGradientPathError, NonFiniteWarning, TargetError, TrainingModeWarning
-from .guard import model_storages, modules_of, thread_hook
+from .guard import model_guard, model_storages, modules_of, thread_hook
 from .result import Attribution
 
 TargetSpec = int | str | Sequence[int] | Sequence[Sequence[int]] | Tensor | None
@@ -149,6 +149,33 @@ def _sharing(model: Any, layer: nn.Module) -> str:
         return ""
     return (f" (it shares its weight with {', '.join(names[:6])}, which the model may call instead: "
             "pass the one whose output is to be attributed)")
+
+
+def _require_float(x: Tensor, layer: nn.Module | None) -> None:
+    if layer is None and not x.is_floating_point():
+        raise InputError(
+            f"x has dtype {x.dtype}; attribution needs a floating-point input (an image as uint8: "
+            "x.float() / 255, normalised as the model expects). For token ids, pass layer=<the "
+            "embedding module> to attribute over its output."
+        )
+
+
+def model_scores(model: Any, x: Tensor, forward_kwargs: dict[str, Any] | None = None,
+                 layer: nn.Module | None = None) -> Tensor:
+    """The model's output at ``x`` for a caller outside :func:`nbattr.attribute` (the widget's
+    list of top classes): inside :func:`model_guard` (a model in training mode keeps its batch-norm
+    statistics), without gradients, with the engine's checks of the input's dtype and its hints."""
+    _require_float(x, layer)
+    with model_guard(model), torch.no_grad():
+        try:
+            out = model(x, **(forward_kwargs or {}))
+        except Exception as err:
+            hint = _dtype_hint(model, x, layer)
+            if not hint:
+                raise
+            raise InputError(f"the model failed on x of shape {tuple(x.shape)}: {type(err).__name__}: "
+                             f"{err}{hint}") from err
+    return require_tensor(out)
 
 
 def require_tensor(out: Any) -> Tensor:
@@ -298,11 +325,7 @@ class Problem:
             raise InputError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if layer is not None and not isinstance(layer, nn.Module):
             raise InputError(f"layer must be an nn.Module of the model, got {type(layer).__name__}")
-        if layer is None and not x.is_floating_point():
-            raise InputError(
-                f"x has dtype {x.dtype}; attribution needs a floating-point input. For token ids, "
-                "pass layer=<the embedding module> to attribute over its output."
-            )
+        _require_float(x, layer)
         if x.dim() == 0:
             raise InputError("x is a 0-d tensor; give at least one feature dimension")
         if x.numel() == 0:

@@ -18,7 +18,7 @@ from .. import render
 from ..engine import attribute, watch
 from ..engine import methods as all_methods
 from ..engine.errors import NonFiniteWarning
-from ..engine.problem import nonfinite_message, require_tensor
+from ..engine.problem import model_scores, nonfinite_message
 from . import codec, payload
 from .controller import Controller, Outcome
 
@@ -215,8 +215,8 @@ class Explain(anywidget.AnyWidget):
         self.prefetch = bool(prefetch)
         self._compare_cache: dict[str, np.ndarray] = {}
 
-        with torch.no_grad():
-            logits = require_tensor(model(x, **self._forward_kwargs))  # a ModelOutput: the engine's hint
+        # guarded (the model's state as found), with the engine's hints (a ModelOutput, a dtype)
+        logits = model_scores(model, x, self._forward_kwargs, layer)
         top = self._predictions(logits, topk)
         if target is None:
             target = top[0]["index"] if top else 0

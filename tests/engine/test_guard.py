@@ -182,3 +182,45 @@ def test_a_callable_model_is_guarded_like_a_module(method):
     with pytest.raises(Exception, match="boom"):
         nbattr.attribute(boom, torch.randn(3, 4), method=method)
     assert _equal(_snapshot(net), before)
+
+
+def test_a_lazy_model_is_refused_and_left_as_found() -> None:
+    """An uninitialised lazy module failed inside the guard's setup after freezing the parameters
+    before it, and left a stale snapshot that later calls restored (training flag, statistics)."""
+    import nbattr
+
+    m = nn.Sequential(nn.Linear(5, 5), nn.BatchNorm1d(5), nn.LazyLinear(3)).eval()
+    with pytest.raises(nbattr.InputError, match="'2.weight' is not initialised yet"):
+        nbattr.attribute(m, torch.randn(4, 5))
+    assert m[0].weight.requires_grad and m[1].weight.requires_grad
+    from nbattr.engine.guard import _OPEN
+
+    assert id(m) not in _OPEN
+    m(torch.randn(4, 5))  # initialised now
+    m.train()
+    m(torch.randn(8, 5))  # statistics move
+    stats = m[1].running_mean.clone()
+    with pytest.warns(nbattr.TrainingModeWarning):
+        nbattr.attribute(m, torch.randn(4, 5), method="saliency")
+    assert m.training and torch.equal(m[1].running_mean, stats)
+
+
+def test_a_failure_while_freezing_leaves_no_snapshot(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nbattr.engine import guard
+
+    m = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    calls = []
+    real = torch.Tensor.requires_grad_
+
+    def flaky(self, flag=True):  # noqa: ANN001, ANN202
+        calls.append(flag)
+        if len(calls) == 3:
+            raise RuntimeError("simulated")
+        return real(self, flag)
+
+    monkeypatch.setattr(torch.Tensor, "requires_grad_", flaky)
+    with pytest.raises(RuntimeError, match="simulated"):
+        with guard.model_guard(m):
+            pass
+    monkeypatch.undo()
+    assert all(p.requires_grad for p in m.parameters()) and id(m) not in guard._OPEN

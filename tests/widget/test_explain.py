@@ -687,3 +687,23 @@ def test_one_output_model_with_a_target_that_is_ignored():
         assert not w.error, (method, w.error)
         assert w._controller.prefetched == [] and w._controller.prefetch_errors == []
         w.close()
+
+
+def test_the_constructor_leaves_the_model_as_found_and_names_a_dtype_mismatch():
+    """Explain's own forward (its list of top classes) runs guarded: a model in training mode keeps
+    its batch-norm statistics; a float64 or uint8 image gets the engine's hint, not torch's error."""
+    import nbattr
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3)).train()
+    bn = net[1]
+    before = (bn.running_mean.clone(), int(bn.num_batches_tracked))
+    w = Explain(net, torch.rand(3, 8, 8), methods=["saliency"], method="saliency")
+    assert w.wait(30) and not w.error  # (the engine's training-mode warning goes to the receipt)
+    w.close()
+    assert torch.equal(bn.running_mean, before[0]) and int(bn.num_batches_tracked) == before[1] and net.training
+    with pytest.raises(nbattr.InputError, match=r"pass x.to\(torch.float32\)"):
+        Explain(net.eval(), torch.rand(3, 8, 8, dtype=torch.float64))
+    with pytest.raises(nbattr.InputError, match=r"x.float\(\) / 255"):
+        Explain(net, torch.randint(0, 255, (3, 8, 8), dtype=torch.uint8))
