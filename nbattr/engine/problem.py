@@ -97,8 +97,11 @@ class _ReplaceOutput:
 
 
 class _Capture:
-    """Forward hook that records a layer's output (removed on exit). With ``leaf`` the model goes
-    on with a detached copy that requires grad (what the gradient passes differentiate by)."""
+    """Forward hook that records a layer's output (removed on exit): a copy, as it left the layer
+    (the model may change the tensor in place afterwards: ``nn.ReLU(inplace=True)`` after a
+    convolution, ``e += pos`` after an embedding). With ``leaf`` the model goes on with a detached
+    copy that requires grad (what the gradient passes differentiate by; a differentiable copy of
+    the leaf, which the model may change in place)."""
 
     def __init__(self, layer: nn.Module, leaf: bool = False) -> None:
         self.layer, self.value, self.handle, self.calls, self.leaf = layer, None, None, 0, leaf
@@ -106,9 +109,9 @@ class _Capture:
     def __enter__(self) -> _Capture:
         def hook(_m: nn.Module, _inp: Any, out: Any) -> Any:
             self.calls += 1
-            self.value = out
+            self.value = out.detach().clone() if isinstance(out, Tensor) else out
             if self.leaf and isinstance(out, Tensor) and out.is_floating_point():
-                return out.detach().requires_grad_(True)
+                return out.detach().requires_grad_(True).clone()
             return None
 
         self.handle = thread_hook(self.layer, hook)

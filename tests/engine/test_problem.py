@@ -512,3 +512,36 @@ def test_cpu_chunks_keep_the_widest_activation_within_the_cache(monkeypatch: pyt
     big = nbattr.attribute(wide(12800), torch.randn(8, 6), steps=40)  # > PROBE_ROWS examples: the probe chunk measures
     assert max(big.params["chunks"]) == 10, big.params["chunks"]
     torch.testing.assert_close(r.attributions, nbattr.attribute(wide(12800), x, steps=40, batch_size=120).attributions)
+
+
+class _EmbedShift(nn.Module):
+    """Token ids -> embedding, shifted by 0.5 (in place, as ``e += pos``, or not) -> tanh -> mean -> linear."""
+
+    def __init__(self, in_place: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.fc, self.in_place = nn.Embedding(10, 4), nn.Linear(4, 3), in_place
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        e = self.emb(ids)
+        if self.in_place:
+            e += 0.5
+        else:
+            e = e + 0.5
+        return self.fc(torch.tanh(e).mean(1))
+
+
+@pytest.mark.parametrize("method", ["saliency", "integrated_gradients", "smoothgrad", "occlusion",
+                                    "shapley_sampling", "deeplift", "epsilon_lrp"])
+def test_a_layer_output_changed_in_place_afterwards(method: str) -> None:
+    """The attributed values are the layer's output as it left the layer, whatever the model does to
+    that tensor next: in place, the first forward's capture crashed (a leaf changed in place) or
+    kept the changed values (DeepLIFT's delta 0.22, r.inputs off by 0.5)."""
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    a, b = _EmbedShift(True).double(), _EmbedShift(False).double()
+    ra = nbattr.attribute(a, ids, layer=a.emb, method=method)
+    rb = nbattr.attribute(b, ids, layer=b.emb, method=method)
+    torch.testing.assert_close(ra.inputs, rb.inputs)
+    torch.testing.assert_close(ra.attributions, rb.attributions)
+    if ra.delta is not None and method != "integrated_gradients":
+        assert float(ra.delta.abs().max()) < 1e-10
