@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import Cancelled, NbattrWarning, user_stacklevel
+from .errors import Cancelled, InputError, NbattrWarning, user_stacklevel
 
 BatchSize = int | str
 
@@ -232,8 +232,8 @@ def run_chunked(
     device = device or torch.device("cpu")
     auto = batch_size == "auto"
     if not auto:
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
         size = batch_size
     else:
         size = min(total, PROBE_ROWS)

@@ -11,6 +11,7 @@ results carry a K axis after N.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -659,10 +660,11 @@ def smoothgrad(p: Problem, *, samples: int = 50, noise_level: float = 0.15, vari
     ``smoothgrad_sq`` and ``vargrad`` variants (their error needs fourth moments)."""
     if variant not in SMOOTHGRAD_VARIANTS:
         raise InputError(f"unknown smoothgrad variant {variant!r}; choose one of {SMOOTHGRAD_VARIANTS}")
-    if not isinstance(samples, int) or samples < 1:
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
         raise InputError(f"samples must be a positive int, got {samples!r}")
-    if noise_level < 0:
-        raise InputError(f"noise_level must be >= 0, got {noise_level}")
+    if (not isinstance(noise_level, (int, float)) or isinstance(noise_level, bool)
+            or not math.isfinite(noise_level) or noise_level < 0):
+        raise InputError(f"noise_level must be a finite number >= 0, got {noise_level!r}")
     n, x = p.n, p.inputs
     flat = x.flatten(1)
     sigma = noise_level * (flat.max(1).values - flat.min(1).values)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import InputError
+
 RULES = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gauss_legendre")
 
 
@@ -42,7 +44,7 @@ def quadrature(rule: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
     mapped to [0, 1] (exact for polynomials of degree 2S-1).
     """
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+        raise InputError(f"steps must be a positive int (or 'auto' for integrated_gradients), got {steps!r}")
     s = int(steps)
     if rule == "riemann_left":
         return np.arange(s) / s, np.full(s, 1.0 / s)
@@ -52,7 +54,7 @@ def quadrature(rule: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
         return (np.arange(s) + 0.5) / s, np.full(s, 1.0 / s)
     if rule == "riemann_trapezoid":
         if s < 2:
-            raise ValueError("riemann_trapezoid needs steps >= 2")
+            raise InputError("riemann_trapezoid needs steps >= 2")
         w = np.full(s, 1.0 / (s - 1))
         w[0] /= 2
         w[-1] /= 2
@@ -60,4 +62,4 @@ def quadrature(rule: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
     if rule == "gauss_legendre":
         x, w = np.polynomial.legendre.leggauss(s)
         return (x + 1.0) / 2.0, w / 2.0
-    raise ValueError(f"unknown quadrature rule {rule!r}; choose one of {', '.join(RULES)}")
+    raise InputError(f"unknown quadrature rule {rule!r}; choose one of {', '.join(RULES)}")

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import InputError
+
 _METHODS: dict[str, MethodInfo] = {}
 
 
@@ -103,7 +105,7 @@ def get(name: str) -> MethodInfo:
         return _METHODS[name]
     except KeyError:
         known = ", ".join(sorted(_METHODS))
-        raise ValueError(f"unknown attribution method {name!r}; known methods: {known}") from None
+        raise InputError(f"unknown attribution method {name!r}; known methods: {known}") from None
 
 
 def methods() -> dict[str, MethodInfo]:

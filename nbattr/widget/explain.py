@@ -193,6 +193,8 @@ class Explain(anywidget.AnyWidget):
         bad = [m for m in names if m not in known]
         if bad:
             raise ValueError(f"unknown method(s) {bad}; known: {sorted(known)}")
+        if not names:
+            raise ValueError(f"methods is empty: name at least one of {sorted(known)}")
         self._options = _check_options(options, known)
         if tokens is not None:
             kind = "text"

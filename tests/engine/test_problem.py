@@ -545,3 +545,20 @@ def test_a_layer_output_changed_in_place_afterwards(method: str) -> None:
     torch.testing.assert_close(ra.attributions, rb.attributions)
     if ra.delta is not None and method != "integrated_gradients":
         assert float(ra.delta.abs().max()) < 1e-10
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"method": "lime"}, "unknown attribution method 'lime'"),
+    ({"steps": 0}, r"steps must be a positive int \(or 'auto'"),
+    ({"steps": "Auto"}, r"or 'auto'"),
+    ({"rule": "simpson"}, "unknown quadrature rule 'simpson'"),
+    ({"batch_size": True}, "batch_size must be a positive int"),
+    ({"method": "smoothgrad", "noise_level": float("nan")}, "noise_level must be a finite number"),
+    ({"method": "smoothgrad", "noise_level": float("inf")}, "noise_level must be a finite number"),
+    ({"method": "smoothgrad", "samples": True}, "samples must be a positive int"),
+])
+def test_bad_options_are_named_input_errors(kwargs: dict, match: str) -> None:
+    """nbattr's own InputError (still a ValueError) naming the option: they were bare ValueErrors,
+    and NaN/inf noise or True as a count went through."""
+    with pytest.raises(nbattr.InputError, match=match):
+        nbattr.attribute(mlp(0), torch.randn(2, 6, dtype=torch.float64), **kwargs)

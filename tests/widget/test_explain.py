@@ -707,3 +707,8 @@ def test_the_constructor_leaves_the_model_as_found_and_names_a_dtype_mismatch():
         Explain(net.eval(), torch.rand(3, 8, 8, dtype=torch.float64))
     with pytest.raises(nbattr.InputError, match=r"x.float\(\) / 255"):
         Explain(net, torch.randint(0, 255, (3, 8, 8), dtype=torch.uint8))
+
+
+def test_an_empty_method_list_is_named(cnn, image):
+    with pytest.raises(ValueError, match="methods is empty"):
+        Explain(cnn, image, methods=[])
