@@ -221,6 +221,19 @@ def _warn_nonfinite(method: str, attributions: Tensor) -> None:
         warn(message, NonFiniteWarning)
 
 
+def _warn_nonfinite_scores(method: str, outputs: Tensor, base_out: Tensor | None) -> None:
+    """Warn when the target score at x or at the baseline is NaN or inf (the attributions may still
+    be finite: a baseline outside the model's domain, log(0) there, makes F(x') = -inf and
+    ``delta`` infinite, which no relative check of delta catches)."""
+    for where, v in (("x", outputs), ("the baseline", base_out)):
+        if v is not None and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            warn(f"{method}: the target score at {where} is not finite for {bad} of {v.numel()} "
+                 "(example, target) pairs (NaN or inf), so F(x) - F(x') and delta are meaningless there: "
+                 + ("choose a baseline inside the model's domain" if where != "x" else
+                    "the model's output at the input itself is not finite"), NonFiniteWarning)
+
+
 @contextlib.contextmanager
 def _named_autograd_errors() -> Any:
     """Autograd's errors that come from how the model is built, as named InputErrors."""
@@ -764,6 +777,7 @@ class Problem:
         if fields.get("stderr") is not None:
             fields["stderr"] = fields["stderr"].detach().to(self.inputs.dtype)
         _warn_nonfinite(method, attributions)
+        _warn_nonfinite_scores(method, self.outputs, base_out)
         delta = None
         if completeness:
             # summed and subtracted wide: in bfloat16, sum(attributions) - (F(x) - F(x')) would round

@@ -562,3 +562,22 @@ def test_bad_options_are_named_input_errors(kwargs: dict, match: str) -> None:
     and NaN/inf noise or True as a count went through."""
     with pytest.raises(nbattr.InputError, match=match):
         nbattr.attribute(mlp(0), torch.randn(2, 6, dtype=torch.float64), **kwargs)
+
+
+def test_an_infinite_score_at_the_baseline_is_warned() -> None:
+    """log(sum(x^2)) with a zero baseline: F(x') = -inf, delta = -inf; no relative check of delta
+    catches inf, so the scores are checked themselves."""
+
+    class LogNorm(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.log((x * x).sum(1))
+
+    x = torch.randn(2, 3, dtype=torch.float64)
+    with pytest.warns(nbattr.NonFiniteWarning, match="score at the baseline is not finite for 2 of 2"):
+        r = nbattr.attribute(LogNorm(), x, steps=8)
+    assert torch.isinf(r.baseline_outputs).all()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", nbattr.NonFiniteWarning)
+        nbattr.attribute(LogNorm(), x, steps=8, baseline=0.5)  # a finite baseline: no such warning
