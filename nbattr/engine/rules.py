@@ -1553,6 +1553,10 @@ class _Replay(TorchFunctionMode):
         entry = self._next_entry(op, leaves) if kind is not None and self.tape is not None else None
         if not torch.is_grad_enabled():
             out = func(*args, **kwargs)
+            if op.name == "view_as" and len(args) == 2 and args[0] is args[1]:
+                # x.view_as(x): what a module's full backward hook (BackwardHookFunction, an identity
+                # in the graph) does to the tensors it watches; no value becomes a constant
+                return out
             if any(_varies(v) for v in leaves) and any(  # a value of the input made into a constant
                     isinstance(o, Tensor) and o.is_floating_point() for o in _leaves(out)):
                 self._report(f"{op.name} (under no_grad)")

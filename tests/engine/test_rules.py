@@ -559,3 +559,19 @@ def test_control_flow_mismatch_raises():
     # same branch at input and reference: fine
     r = deeplift(Branching(), x, 0.05)
     assert r.delta.abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("method", ["deeplift", "epsilon_lrp"])
+def test_a_users_full_backward_hook_is_no_missing_rule(method: str) -> None:
+    """A module's full backward hook wraps its tensors in an identity Function (x.view_as(x) under
+    no_grad): it was reported as an operation without a rule (strict=True raised). The hook still
+    fires and stays registered; the result is the hook-free model's."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double().eval()
+    x = torch.randn(2, 6, dtype=torch.float64)
+    plain = nbattr.attribute(m, x, method=method)
+    fired = []
+    m[2].register_full_backward_hook(lambda mod, gi, go: fired.append(1))
+    r = nbattr.attribute(m, x, method=method, strict=True)
+    assert r.unsupported == {} and fired and len(m[2]._backward_hooks) == 1
+    torch.testing.assert_close(r.attributions, plain.attributions, rtol=0, atol=0)
