@@ -655,9 +655,14 @@ def smoothgrad(p: Problem, *, samples: int = 50, noise_level: float = 0.15, vari
                multiply_by_inputs: bool = False, seed: int = 0) -> object:
     """``noise_level`` is the noise's standard deviation as a fraction of each example's range.
 
-    ``stderr`` (variant ``"smoothgrad"``, ``samples`` >= 2): the standard error of the mean
-    gradient over the noise samples, times |x| with ``multiply_by_inputs``; None for the
-    ``smoothgrad_sq`` and ``vargrad`` variants (their error needs fourth moments)."""
+    ``multiply_by_inputs``: each noisy copy's map is its gradient times that copy,
+    ``grad F(x + e) * (x + e)`` (SmoothGrad applied to gradient x input, as Smilkov et al. 2017
+    average any map M over M(x + e); Captum's ``NoiseTunnel(InputXGradient)``), and the variants
+    average (or square, or take the variance of) those maps.
+
+    ``stderr`` (variant ``"smoothgrad"``, ``samples`` >= 2): the standard error of the mean map
+    over the noise samples; None for the ``smoothgrad_sq`` and ``vargrad`` variants (their error
+    needs fourth moments)."""
     if variant not in SMOOTHGRAD_VARIANTS:
         raise InputError(f"unknown smoothgrad variant {variant!r}; choose one of {SMOOTHGRAD_VARIANTS}")
     if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
@@ -677,29 +682,32 @@ def smoothgrad(p: Problem, *, samples: int = 50, noise_level: float = 0.15, vari
         # drawn in float32 for the half precisions: the same noise, rounded, as for a float32 input
         return torch.randn(x.shape, generator=g, device=p.device, dtype=accumulation_dtype(x.dtype)).to(x.dtype)
 
+    chunk_points: list[Tensor] = []  # the chunk's noisy copies, for multiply_by_inputs
+
     def points(idx: Tensor) -> tuple[Tensor, Tensor]:
         k, rows = idx // n, idx % n
         eps = torch.empty((len(idx), *x.shape[1:]), dtype=x.dtype, device=p.device)
         for kk in k.unique().tolist():
             m = k == kk
             eps[m] = noise(kk)[rows[m]]
-        return x[rows] + p.expand(sigma[rows], len(idx)) * eps, rows
+        z = x[rows] + p.expand(sigma[rows], len(idx)) * eps
+        if multiply_by_inputs:
+            chunk_points[:] = [z]
+        return z, rows
 
     def consume(_idx: Tensor, rows: Tensor, _s: Tensor, g: Tensor) -> None:
         g = g.to(total1.dtype)
+        if multiply_by_inputs:  # this copy's gradient x input
+            g = g * _per_target(p, chunk_points.pop().to(total1.dtype))
         total1.index_add_(0, rows, g)
         total2.index_add_(0, rows, g * g)
 
     p.gradient_pass(samples * n, points, consume)
     mean1, mean2 = total1 / samples, total2 / samples
-    spread = (mean2 - mean1 * mean1).clamp_min(0)  # the gradients' variance over the noise (1/samples)
+    spread = (mean2 - mean1 * mean1).clamp_min(0)  # the maps' variance over the noise (1/samples)
     out = {"smoothgrad": mean1, "smoothgrad_sq": mean2, "vargrad": spread}[variant]
     # the mean's standard error: sample variance / samples (below ~sqrt(eps) |mean| it is rounding)
     stderr = (spread / (samples - 1)).sqrt() if variant == "smoothgrad" and samples > 1 else None
-    if multiply_by_inputs:
-        scale = _per_target(p, x)
-        out = out * scale
-        stderr = None if stderr is None else stderr * scale.abs()
     return p.result("smoothgrad", out, params={"samples": samples, "noise_level": noise_level,
                                                "variant": variant, "seed": seed,
                                                "multiply_by_inputs": multiply_by_inputs},
