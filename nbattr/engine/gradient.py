@@ -597,10 +597,20 @@ def _warn_if_coarse(r: Any, what: str, slope0: Callable[[], Tensor | None] | Non
     bad = off.any(1).nonzero().flatten().tolist()
     if bad:
         shown = ", ".join(f"#{i} {100 * float(worst[i]):.0f}%" for i in bad[:8]) + (", ..." if len(bad) > 8 else "")
+        # all-zero attributions: no gradient at any path point, which no number of steps changes
+        flat = r.attributions.reshape(off.shape[0], off.shape[1], -1)
+        dead = [i for i in bad if bool(((flat[i] == 0).all(-1) & off[i]).any())]
         jumps = {i: j for i, j in baseline_jumps(r, slope0() if slope0 is not None else None).items()
-                 if i in bad}
-        advice = (_jump_advice(jumps) if jumps else
-                  " The score changes too sharply along the path for so few points: use steps='auto' or more steps.")
+                 if i in bad and i not in dead}
+        if dead:
+            advice = (f" The target score's gradient is zero at every path point for example(s) {dead[:8]}, yet "
+                      "F(x) differs from F(x'): the score does not depend differentiably on x (x.detach(), "
+                      "torch.no_grad(), argmax or rounding in the model), and more steps do not help; occlusion "
+                      "or Shapley sampling need no gradient.")
+        elif jumps:
+            advice = _jump_advice(jumps)
+        else:
+            advice = " The score changes too sharply along the path for so few points: use steps='auto' or more steps."
         warn(f"integrated_gradients: |delta| is more than {100 * COARSE_DELTA:g}% of |F(x) - F(x')| with {what} (per example: {shown}).{advice}",
              BaselineJumpWarning if jumps else CoarseDeltaWarning)
 

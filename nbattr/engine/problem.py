@@ -389,6 +389,7 @@ class Problem:
         # fails on it or returns a different number of rows, in which case x[None] is tried.
         self.unbatched = x.dim() == 1
         if self.unbatched:
+            self._batch_kwargs_like(x)
             x = x.unsqueeze(0)
             full, inputs = self._first_forward(x)
         else:
@@ -401,9 +402,12 @@ class Problem:
             except Exception as e:  # noqa: BLE001 - the model's own error; retried unbatched
                 ok, err = False, e
             if not ok:
+                unbatched_kwargs = self._kwargs
+                self._batch_kwargs_like(x)
                 try:
                     full, inputs = self._first_forward(x.unsqueeze(0))
                 except Exception:  # noqa: BLE001
+                    self._kwargs = unbatched_kwargs
                     if err is not None:
                         raise InputError(
                             f"the model failed on x of shape {tuple(x.shape)} (taken as a batch) and "
@@ -517,6 +521,12 @@ class Problem:
             if not cap.value.is_floating_point():
                 raise InputError(f"layer output has dtype {cap.value.dtype}; need floating point")
             return out, cap.value.detach()
+
+    def _batch_kwargs_like(self, x: Tensor) -> None:
+        """For one example given without its batch dimension: the ``forward_kwargs`` tensors of
+        exactly its shape (an attention mask beside token ids) get theirs too, as x does."""
+        self._kwargs = {k: v.unsqueeze(0) if isinstance(v, Tensor) and v.shape == x.shape else v
+                        for k, v in self._kwargs.items()}
 
     @staticmethod
     def _check_output(out: Any, n: int) -> None:

@@ -90,6 +90,11 @@ def test_a_text_model_with_a_padding_mask_over_its_embeddings() -> None:
                                    forward_kwargs={"mask": mask[i:i + 1]}, **opts)
             torch.testing.assert_close(r.attributions[i:i + 1], one.attributions, rtol=1e-9, atol=1e-12)
         assert r.attributions[1, 2:].abs().max() == 0  # masked positions get nothing
+        # one example without its batch dimension, its mask too (the mask stayed (L,) and the model
+        # failed with its own IndexError)
+        single = nbattr.attribute(masked, ids[1], method=method, layer=model.emb, target=int(r.target[1]),
+                                  forward_kwargs={"mask": mask[1]}, **opts)
+        torch.testing.assert_close(single.attributions, r.attributions[1:2], rtol=1e-9, atol=1e-12)
 
 
 def test_a_closed_over_per_example_tensor_gets_a_hint() -> None:

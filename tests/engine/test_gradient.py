@@ -350,3 +350,23 @@ def test_saliency_and_gxi_match_captum(make, shape) -> None:
                                captum_attr.Saliency(m).attribute(x, target=target))
     torch.testing.assert_close(nbattr.attribute(m, x, method="gradient_x_input", target=target).attributions,
                                captum_attr.InputXGradient(m).attribute(x, target=target))
+
+
+def test_no_gradient_along_the_path_is_not_called_coarse() -> None:
+    """A target score computed from x.detach() while another output column keeps the graph: IG is
+    all zeros and 100% off; the warning says why instead of advising more steps."""
+    import warnings
+
+    lin = nn.Linear(3, 1).double()
+
+    def model(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([lin(x), (x.detach() ** 2).sum(1, keepdim=True)], 1)
+
+    x = torch.randn(2, 3, dtype=torch.float64) + 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = nbattr.attribute(model, x, target=1, steps=8)
+    assert (r.attributions == 0).all()
+    msgs = [str(w.message) for w in caught if issubclass(w.category, nbattr.CompletenessWarning)]
+    assert msgs and "gradient is zero at every path point for example(s) [0, 1]" in msgs[0]
+    assert "more steps do not help" in msgs[0] and "use steps='auto'" not in msgs[0]
