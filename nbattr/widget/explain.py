@@ -93,7 +93,8 @@ class Explain(anywidget.AnyWidget):
     ----------
     model : ``nn.Module`` (eval mode) mapping a batch to scores ``(N, C)`` or ``(N,)``.
     x : image ``(C, H, W)`` / ``(1, C, H, W)``; token ids ``(L,)`` / ``(1, L)`` with ``tokens=`` and
-        ``layer=``; or a feature row ``(F,)`` / ``(1, F)`` with ``feature_names=``.
+        ``layer=`` (without ``tokens=`` the ids themselves label the tokens); or a feature row
+        ``(F,)`` / ``(1, F)`` with ``feature_names=``.
     tokens, layer : the text view: token strings (shown as text, never HTML) and the embedding module.
     forward_kwargs : keyword arguments of every model call (an attention mask ``(1, L)``), as for
         :func:`nbattr.attribute`.
@@ -196,6 +197,8 @@ class Explain(anywidget.AnyWidget):
         if not names:
             raise ValueError(f"methods is empty: name at least one of {sorted(known)}")
         self._options = _check_options(options, known)
+        if tokens is None and layer is not None and not x.is_floating_point() and x.dim() <= 2:
+            tokens = [str(int(i)) for i in x.reshape(-1)]  # token ids without their strings: the ids, as text
         if tokens is not None:
             kind = "text"
             x = x.reshape(1, -1) if x.dim() == 1 else x

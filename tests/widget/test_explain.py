@@ -712,3 +712,12 @@ def test_the_constructor_leaves_the_model_as_found_and_names_a_dtype_mismatch():
 def test_an_empty_method_list_is_named(cnn, image):
     with pytest.raises(ValueError, match="methods is empty"):
         Explain(cnn, image, methods=[])
+
+
+def test_token_ids_without_their_strings_are_a_text_view(text_model):
+    """Token ids with layer= but no tokens= were taken for an image (and failed); the ids label the tokens."""
+    ids = torch.tensor([3, 1, 4, 1])
+    w = Explain(text_model, ids, layer=text_model.emb, methods=["integrated_gradients", "saliency"])
+    assert w.wait(30) and not w.error
+    assert w.kind == "text" and w.tokens == ["3", "1", "4", "1"]
+    w.close()
