@@ -59,6 +59,9 @@ class _Snapshot:
         params: dict[int, nn.Parameter] = {}
         buffers: dict[int, torch.Tensor] = {}
         for m in self.modules:
+            for v in (*m._parameters.values(), *m._buffers.values()):
+                if v is not None and nn.parameter.is_lazy(v):
+                    raise _lazy_error(model, v)
             for v in m._parameters.values():
                 if v is not None:
                     params.setdefault(id(v), v)
@@ -193,13 +196,12 @@ _LOCK = threading.Lock()
 _OPEN: dict[int, _Snapshot] = {}
 
 
-def _refuse_lazy(model: nn.Module) -> None:
-    """A model with parameters or buffers not yet created (``nn.LazyLinear`` before its first
-    forward) cannot be snapshotted; name it rather than fail inside torch."""
-    for name, t in (*model.named_parameters(), *model.named_buffers()):
-        if nn.parameter.is_lazy(t):
-            raise InputError(f"the model's {name!r} is not initialised yet (a lazy module, e.g. nn.LazyLinear): "
-                             "run the model once on an example (model(x)) before attributing")
+def _lazy_error(model: nn.Module, t: torch.Tensor) -> InputError:
+    """A parameter or buffer not yet created (``nn.LazyLinear`` before its first forward) cannot be
+    snapshotted: the error names it (looked up only then) rather than failing inside torch."""
+    name = next((n for n, v in (*model.named_parameters(), *model.named_buffers()) if v is t), "?")
+    return InputError(f"the model's {name!r} is not initialised yet (a lazy module, e.g. nn.LazyLinear): "
+                      "run the model once on an example (model(x)) before attributing")
 
 
 @contextlib.contextmanager
@@ -227,8 +229,7 @@ def model_guard(model: Any) -> Iterator[None]:
     with _LOCK:
         snap = _OPEN.get(id(model))
         if snap is None:
-            _refuse_lazy(model)
-            snap = _Snapshot(model)
+            snap = _Snapshot(model)  # (refuses a lazy model before changing anything)
             try:
                 for p in snap.params:
                     p.requires_grad_(False)

@@ -224,10 +224,13 @@ def _warn_nonfinite(method: str, attributions: Tensor) -> None:
 def _warn_nonfinite_scores(method: str, outputs: Tensor, base_out: Tensor | None) -> None:
     """Warn when the target score at x or at the baseline is NaN or inf (the attributions may still
     be finite: a baseline outside the model's domain, log(0) there, makes F(x') = -inf and
-    ``delta`` infinite, which no relative check of delta catches)."""
-    for where, v in (("x", outputs), ("the baseline", base_out)):
-        if v is not None and not bool(torch.isfinite(v).all()):
-            bad = int((~torch.isfinite(v)).sum())
+    ``delta`` infinite, which no relative check of delta catches). One reduction decides."""
+    scores = [("x", outputs)] + ([("the baseline", base_out)] if base_out is not None else [])
+    if bool(torch.stack([torch.isfinite(v).all() for _, v in scores]).all()):
+        return
+    for where, v in scores:
+        bad = int((~torch.isfinite(v)).sum())
+        if bad:
             warn(f"{method}: the target score at {where} is not finite for {bad} of {v.numel()} "
                  "(example, target) pairs (NaN or inf), so F(x) - F(x') and delta are meaningless there: "
                  + ("choose a baseline inside the model's domain" if where != "x" else

@@ -56,7 +56,9 @@ def localization(attributions: Tensor | Attribution, box_mask: Tensor | Box | Se
     """
     if isinstance(attributions, Attribution):
         attributions.require_single_target("localization")
-    a = attributions.attributions if isinstance(attributions, Attribution) else attributions
+        a = attributions.attributions
+    else:
+        a = attributions
     if not isinstance(a, Tensor) or not a.is_floating_point():
         raise InputError("attributions must be a floating-point tensor or an Attribution")
     if a.dim() < 2:

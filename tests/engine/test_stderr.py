@@ -180,7 +180,7 @@ def test_smoothgrad_stderr_matches_the_closed_form_spread(multiply_by_inputs: bo
     else:
         want = c.abs() * s / math.sqrt(n)
     ratio = r.stderr[0] / want
-    assert ((ratio > 0.85) & (ratio < 1.15)).all(), ratio  # the sample std of 800 draws: a few % spread
+    assert ((ratio > 0.88) & (ratio < 1.12)).all(), ratio  # the sample std of 800 draws: a few % spread
 
 
 def test_stderr_per_target_equals_a_single_target_run() -> None:
